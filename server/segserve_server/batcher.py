@@ -1,0 +1,265 @@
+"""The dynamic batcher: one per loaded model version, in front of its backend.
+
+Invariants (each tested in tests/test_batcher.py):
+- every accepted request's future is resolved exactly once (set-if-not-done);
+- requests cancelled by their caller, or whose deadline has passed, are dropped before a batch
+  runs and never reach the backend;
+- a batch that fails is retried request by request, so one bad input fails only itself;
+- a batch's output must have one entry per input, or every request in it fails with INTERNAL;
+- the batch body cannot leave a request hanging: whatever happens, its futures are resolved.
+Loop-bound objects (queue wake-up event, semaphore, task) are created in start().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from segserve_server.backends.base import Backend
+from segserve_server.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    ModelUnavailable,
+    QueueFull,
+    SegserveError,
+)
+from segserve_server.model_repository import BatchingConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """One request's share of a batch run."""
+
+    output: np.ndarray
+    queue_s: float
+    infer_s: float
+    batch_size: int
+
+
+@dataclass(eq=False)
+class _Pending:
+    tensor: np.ndarray
+    future: asyncio.Future[BatchOutcome]
+    enqueued_s: float
+    deadline_s: float | None
+
+
+def plan_batch(queued: int, oldest_wait_s: float, config: BatchingConfig) -> tuple[int, float]:
+    """Decides what to do with `queued` waiting requests, the oldest having waited `oldest_wait_s`.
+
+    Returns (n, 0.0) to run a batch of the n oldest requests now, or (0, wait_s) to wait up to
+    wait_s seconds (or until another request arrives) and decide again. The policy follows
+    Triton's dynamic batcher: without dynamic_batching every request runs alone; with it, a batch
+    runs as soon as it reaches the largest preferred size (or max_batch_size), and otherwise once
+    its oldest request has waited max_queue_delay, with everything that is queued.
+    """
+    if queued <= 0:
+        return 0, math.inf
+    if not config.enabled:
+        return 1, 0.0
+    full = config.max_batch_size
+    target = max(config.preferred_batch_sizes) if config.preferred_batch_sizes else full
+    if queued >= target:
+        return target, 0.0
+    delay_s = config.max_queue_delay_us / 1e6
+    if oldest_wait_s >= delay_s:
+        return min(queued, full), 0.0
+    return 0, delay_s - oldest_wait_s
+
+
+def _resolve(future: asyncio.Future[BatchOutcome], outcome: BatchOutcome) -> None:
+    if not future.done():
+        future.set_result(outcome)
+
+
+def _fail(future: asyncio.Future[BatchOutcome], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+class Batcher:
+    """Queues single-image tensors and runs them through `backend` in batches."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        config: BatchingConfig,
+        *,
+        name: str,
+        instances: int = 1,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self._backend = backend
+        self._config = config
+        self._name = name
+        self._instances = instances
+        self._on_batch = on_batch
+        self._queue: deque[_Pending] = deque()
+        self._closing = False
+        self._started = False
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    async def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(self._instances)
+        self._executor = ThreadPoolExecutor(
+            self._instances, thread_name_prefix=f"infer-{self._name}"
+        )
+        self._batches: set[asyncio.Task[None]] = set()
+        self._loop_task = asyncio.create_task(self._form_batches(), name=f"batcher-{self._name}")
+        self._started = True
+
+    async def submit(self, tensor: np.ndarray, deadline_s: float | None = None) -> BatchOutcome:
+        """Queues one input (without batch dim) and waits for its output (without batch dim)."""
+        if not self._started or self._closing:
+            raise ModelUnavailable(f"model {self._name} is not accepting requests (draining)")
+        limit = self._config.max_queue_size
+        if limit and len(self._queue) >= limit:
+            raise QueueFull(
+                f"model {self._name} has {len(self._queue)} requests queued (limit {limit})"
+            )
+        now = time.monotonic()
+        if deadline_s is not None and now >= deadline_s:
+            raise DeadlineExceeded(f"deadline passed before request was queued for {self._name}")
+        future: asyncio.Future[BatchOutcome] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(tensor, future, now, deadline_s))
+        self._wakeup.set()
+        return await future
+
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Stops accepting; runs everything queued, then stops. After timeout_s, fails the rest."""
+        if not self._started:
+            return
+        self._closing = True
+        self._wakeup.set()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._loop_task
+                if self._batches:
+                    await asyncio.gather(*self._batches, return_exceptions=True)
+        except TimeoutError:
+            log.warning(
+                "model %s: batches still running after %.1fs; failing them", self._name, timeout_s
+            )
+            self._loop_task.cancel()
+            for task in list(self._batches):
+                task.cancel()
+            for pending in self._queue:
+                _fail(pending.future, ModelUnavailable(f"model {self._name} stopped"))
+            self._queue.clear()
+        finally:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._backend.close()
+
+    def _drop_dead(self) -> None:
+        """Removes requests whose caller went away or whose deadline has passed."""
+        if not self._queue:
+            return
+        now = time.monotonic()
+        alive: deque[_Pending] = deque()
+        for pending in self._queue:
+            if pending.future.done():
+                continue
+            if pending.deadline_s is not None and now >= pending.deadline_s:
+                _fail(pending.future, DeadlineExceeded(f"deadline passed in {self._name}'s queue"))
+                continue
+            alive.append(pending)
+        self._queue = alive
+
+    async def _form_batches(self) -> None:
+        while True:
+            await self._slots.acquire()
+            batch = await self._next_batch()
+            if batch is None:
+                self._slots.release()
+                return
+            task = asyncio.create_task(self._run(batch))
+            self._batches.add(task)
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        self._slots.release()
+
+    async def _next_batch(self) -> list[_Pending] | None:
+        while True:
+            self._drop_dead()
+            if self._closing and not self._queue:
+                return None
+            oldest_wait_s = time.monotonic() - self._queue[0].enqueued_s if self._queue else 0.0
+            count, wait_s = plan_batch(len(self._queue), oldest_wait_s, self._config)
+            if count:
+                return [self._queue.popleft() for _ in range(count)]
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(None if math.isinf(wait_s) else wait_s):
+                    await self._wakeup.wait()
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        try:
+            await self._run_once(batch)
+        except SegserveError as exc:
+            if len(batch) == 1:
+                _fail(batch[0].future, exc)
+            else:
+                log.warning(
+                    "model %s: batch of %d failed (%s); retrying one by one",
+                    self._name,
+                    len(batch),
+                    exc,
+                )
+                for pending in batch:
+                    try:
+                        await self._run_once([pending])
+                    except SegserveError as single_exc:
+                        _fail(pending.future, single_exc)
+        finally:
+            for pending in batch:
+                _fail(
+                    pending.future,
+                    InferenceFailed(f"model {self._name}: batch ended without an answer"),
+                )
+
+    async def _run_once(self, batch: list[_Pending]) -> None:
+        batch = [p for p in batch if not p.future.done()]
+        if not batch:
+            return
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        outputs = await loop.run_in_executor(self._executor, self._infer, [p.tensor for p in batch])
+        infer_s = time.monotonic() - started
+        if self._on_batch is not None:
+            self._on_batch(len(batch), infer_s)
+        for pending, output in zip(batch, outputs, strict=True):
+            _resolve(
+                pending.future,
+                BatchOutcome(output, started - pending.enqueued_s, infer_s, len(batch)),
+            )
+
+    def _infer(self, tensors: list[np.ndarray]) -> np.ndarray:
+        """Runs in the model's executor: stacks the inputs, runs the backend, checks the size."""
+        try:
+            outputs = self._backend.infer(np.stack(tensors))
+        except Exception as exc:
+            raise InferenceFailed(
+                f"model {self._name} failed on a batch of {len(tensors)}: {exc}"
+            ) from exc
+        if outputs.shape[:1] != (len(tensors),):
+            raise InferenceFailed(
+                f"model {self._name} returned {outputs.shape[:1]} outputs for {len(tensors)} inputs"
+            )
+        return outputs

@@ -1,0 +1,72 @@
+"""The `segserve` command: `segserve serve ...` (more subcommands join as they are built)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from segserve_server import __version__
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model repository over gRPC",
+        description="Serve every model of a Triton-style model repository. Every flag is also "
+        "an environment variable SEGSERVE_<FLAG> and a key of the --config TOML file; flags win "
+        "over the environment, which wins over the file.",
+    )
+    p.add_argument("--config", type=Path, help="TOML file of settings (keys as the flags, _ for -)")
+    p.add_argument("--model-repository", type=Path, help="model repository folder")
+    p.add_argument("--host", help="bind address (default 0.0.0.0)")
+    p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks one)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9464)")
+    p.add_argument("--max-receive-message-bytes", type=int)
+    p.add_argument("--max-image-pixels", type=int)
+    p.add_argument("--worker-threads", type=int, help="decode/encode threads (default: CPUs)")
+    p.add_argument("--ort-intra-op-threads", type=int, help="ONNX Runtime threads (0: auto)")
+    p.add_argument("--drain-timeout-s", type=float, help="grace period on SIGTERM")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from segserve_server.server import serve
+    from segserve_server.settings import load_settings
+
+    overrides = {
+        key: value
+        for key, value in vars(args).items()
+        if key not in ("command", "config", "handler") and value is not None
+    }
+    try:
+        settings = load_settings(args.config, **overrides)
+    except (ValidationError, ValueError) as exc:
+        print(f"segserve: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(serve(settings))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="segserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"segserve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _run_serve(args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""The segserve.v1 gRPC servicer: converts protobuf to and from the core, nothing more.
+
+SegserveError becomes a gRPC status here and only here (`_status_of`): unary calls abort with
+it, stream frames carry it as FrameError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from segserve.v1 import segserve_pb2 as pb
+from segserve.v1 import segserve_pb2_grpc as pb_grpc
+
+from segserve_server.core import MaskEncoding, SegmentationCore, SegmentInput, SegmentOutput
+from segserve_server.errors import InvalidArgument, ModelNotFound, SegserveError
+from segserve_server.imaging import RawPixels
+from segserve_server.models import Model, ModelState, ModelVersion
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+_ENCODINGS = {
+    pb.MASK_ENCODING_SRLE: MaskEncoding.SRLE,
+    pb.MASK_ENCODING_PNG: MaskEncoding.PNG,
+    pb.MASK_ENCODING_RAW: MaskEncoding.RAW,
+}
+_ENCODINGS_PB = {value: key for key, value in _ENCODINGS.items()}
+_PIXEL_FORMATS = {
+    pb.PIXEL_FORMAT_RGB8: "RGB",
+    pb.PIXEL_FORMAT_BGR8: "BGR",
+    pb.PIXEL_FORMAT_GRAY8: "GRAY",
+}
+_STATES = {
+    ModelState.LOADING: pb.MODEL_STATE_LOADING,
+    ModelState.READY: pb.MODEL_STATE_READY,
+    ModelState.FAILED: pb.MODEL_STATE_FAILED,
+    ModelState.UNLOADED: pb.MODEL_STATE_UNLOADED,
+}
+
+
+def _status_of(exc: SegserveError) -> tuple[grpc.StatusCode, str]:
+    return exc.code, exc.message
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the time.monotonic() clock, or None."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def to_segment_input(request: pb.SegmentRequest) -> SegmentInput:
+    if not request.model:
+        raise InvalidArgument("request names no model")
+    kind = request.image.WhichOneof("data")
+    image: bytes | RawPixels
+    if kind == "encoded":
+        image = request.image.encoded
+    elif kind == "raw":
+        raw = request.image.raw
+        if raw.format not in _PIXEL_FORMATS:
+            raise InvalidArgument(f"raw image pixel format {raw.format} is not RGB8, BGR8 or GRAY8")
+        image = RawPixels(raw.pixels, raw.width, raw.height, _PIXEL_FORMATS[raw.format])  # type: ignore[arg-type]
+    else:
+        raise InvalidArgument("request has no image (set image.encoded or image.raw)")
+    encodings = []
+    for value in request.encodings:
+        if value == pb.MASK_ENCODING_UNSPECIFIED:
+            value = pb.MASK_ENCODING_SRLE
+        if value not in _ENCODINGS:
+            raise InvalidArgument(f"mask encoding {value} is not one of {sorted(_ENCODINGS)}")
+        encodings.append(_ENCODINGS[value])
+    if request.output_size not in (
+        pb.OUTPUT_SIZE_UNSPECIFIED,
+        pb.OUTPUT_SIZE_ORIGINAL,
+        pb.OUTPUT_SIZE_MODEL,
+    ):
+        raise InvalidArgument(f"output size {request.output_size} is not ORIGINAL or MODEL")
+    return SegmentInput(
+        model=request.model,
+        image=image,
+        version=request.model_version,
+        encodings=tuple(encodings),
+        output_model_size=request.output_size == pb.OUTPUT_SIZE_MODEL,
+        include_pixel_counts=request.include_pixel_counts,
+        embed_palette=request.embed_palette,
+    )
+
+
+def to_segment_response(output: SegmentOutput) -> pb.SegmentResponse:
+    t = output.timings
+    return pb.SegmentResponse(
+        width=output.width,
+        height=output.height,
+        masks=[pb.EncodedMask(encoding=_ENCODINGS_PB[e], data=d) for e, d in output.masks],
+        classes=[
+            pb.ClassPresence(class_id=c.class_id, name=c.name, pixel_count=c.pixel_count)
+            for c in output.classes
+        ],
+        model=output.model,
+        model_version=output.model_version,
+        timings=pb.StageTimings(
+            decode_us=_us(t.decode),
+            preprocess_us=_us(t.preprocess),
+            queue_us=_us(t.queue),
+            infer_us=_us(t.infer),
+            postprocess_us=_us(t.postprocess),
+            encode_us=_us(t.encode),
+            total_us=_us(t.total),
+            batch_size=t.batch_size,
+        ),
+    )
+
+
+def _us(seconds: float) -> int:
+    return max(0, round(seconds * 1e6))
+
+
+def model_summary(model: Model) -> pb.ModelSummary:
+    serving = model.serving
+    return pb.ModelSummary(
+        name=model.name,
+        versions=sorted(model.entry.versions),
+        serving_version=serving.version if serving else 0,
+        state=_STATES[model.state],
+        reason=model.reason,
+    )
+
+
+def model_info(model: Model, version: ModelVersion | None) -> pb.ModelInfo:
+    config = model.config
+    info = pb.ModelInfo(
+        name=model.name,
+        version=version.version if version else 0,
+        state=_STATES[version.state if version else model.state],
+        reason=version.reason if version else model.reason,
+    )
+    if version is not None and version.backend is not None:
+        info.backend = version.backend.description
+    if config is None:
+        return info
+    batching = config.batching
+    info.platform = config.platform
+    info.input_width, info.input_height = config.input_width, config.input_height
+    info.outputs_labels = config.outputs_labels
+    info.description = config.description
+    info.classes.extend(
+        pb.ClassInfo(id=c.id, name=c.name, red=c.color[0], green=c.color[1], blue=c.color[2])
+        for c in config.classes
+    )
+    info.batching.CopyFrom(
+        pb.BatchingInfo(
+            max_batch_size=batching.max_batch_size,
+            preferred_batch_sizes=batching.preferred_batch_sizes,
+            max_queue_delay_us=batching.max_queue_delay_us,
+            max_queue_size=batching.max_queue_size,
+        )
+    )
+    return info
+
+
+def _grpc_errors(
+    method: Callable[..., Awaitable[R]],
+) -> Callable[..., Awaitable[R]]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await method(self, request, context)
+        except SegserveError as exc:
+            await context.abort(*_status_of(exc))
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+class SegmentationServicer(pb_grpc.SegmentationServicer):
+    def __init__(self, core: SegmentationCore, *, max_inflight_frames: int) -> None:
+        self._core = core
+        self._max_inflight_frames = max_inflight_frames
+        self.draining: asyncio.Event | None = None  # set by the server at start
+
+    @_grpc_errors
+    async def Segment(
+        self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SegmentResponse:
+        output = await self._core.segment(to_segment_input(request), deadline_of(context))
+        return to_segment_response(output)
+
+    async def _frame(
+        self, frame: pb.SegmentStreamRequest, deadline_s: float | None
+    ) -> pb.SegmentStreamResponse:
+        try:
+            output = await self._core.segment(to_segment_input(frame.request), deadline_s)
+        except SegserveError as exc:
+            code, message = _status_of(exc)
+            error = pb.FrameError(code=code.value[0], message=message)
+            return pb.SegmentStreamResponse(frame_id=frame.frame_id, error=error)
+        return pb.SegmentStreamResponse(
+            frame_id=frame.frame_id, response=to_segment_response(output)
+        )
+
+    async def SegmentStream(
+        self,
+        request_iterator: AsyncIterator[pb.SegmentStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.SegmentStreamResponse]:
+        """Reads frames while answering earlier ones; answers leave in arrival order.
+
+        At most max_inflight_frames frames are processed at once; beyond that the reader waits,
+        and gRPC flow control holds the client back. When the server drains, reading stops, every
+        frame already read is answered, and the stream ends with UNAVAILABLE.
+        """
+        deadline_s = deadline_of(context)
+        slots = asyncio.Semaphore(self._max_inflight_frames)
+        answers: asyncio.Queue[asyncio.Task[pb.SegmentStreamResponse] | None] = asyncio.Queue()
+        drained = False
+
+        async def read_frames() -> None:
+            nonlocal drained
+            frames = aiter(request_iterator)
+            try:
+                while True:
+                    frame = await self._next_or_drain(frames)
+                    if frame is None:
+                        return
+                    if isinstance(frame, _Drained):
+                        drained = True
+                        return
+                    await slots.acquire()
+                    task = asyncio.create_task(self._frame(frame, deadline_s))
+                    task.add_done_callback(lambda _: slots.release())
+                    answers.put_nowait(task)
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read_frames())
+        pending: list[asyncio.Task[pb.SegmentStreamResponse]] = []
+        try:
+            while (task := await answers.get()) is not None:
+                pending.append(task)
+                yield await task
+                pending.remove(task)
+            await reader
+        finally:
+            reader.cancel()
+            for task in pending:
+                task.cancel()
+            while not answers.empty():
+                leftover = answers.get_nowait()
+                if leftover is not None:
+                    leftover.cancel()
+        if drained:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "server is draining: every frame read was answered; send the rest to another replica",
+            )
+
+    async def _next_or_drain(
+        self, frames: AsyncIterator[pb.SegmentStreamRequest]
+    ) -> pb.SegmentStreamRequest | _Drained | None:
+        """The next frame, None at the end of the stream, or _Drained if the server drains first."""
+        read = asyncio.ensure_future(anext(frames, None))
+        if self.draining is None:
+            return await read
+        drained = asyncio.ensure_future(self.draining.wait())
+        try:
+            done, _ = await asyncio.wait({read, drained}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            drained.cancel()
+        if read in done:
+            return read.result()
+        read.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await read
+        return _Drained()
+
+    @_grpc_errors
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        models = self._core.models.models
+        return pb.ListModelsResponse(models=[model_summary(models[n]) for n in sorted(models)])
+
+    @_grpc_errors
+    async def GetModel(
+        self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        model = self._core.models.models.get(request.name)
+        if model is None:
+            raise ModelNotFound(f"model {request.name!r} is not in the repository")
+        if request.version == 0:
+            version = model.serving or (
+                model.versions[max(model.versions)] if model.versions else None
+            )
+        else:
+            version = model.versions.get(request.version)
+            if version is None:
+                raise ModelNotFound(
+                    f"model {request.name!r} version {request.version} is not loaded "
+                    f"(loaded: {sorted(model.versions)})"
+                )
+        return model_info(model, version)
+
+
+class _Drained:
+    """Marks that the server began draining before the next frame was read."""

@@ -1,0 +1,176 @@
+"""Image decoding: format sniffing, header-only size checks, then decode (JPEG via libjpeg-turbo).
+
+Sizes are read from the file header and checked against the limits before a pixel is decoded,
+so a 100000x100000 PNG of a few hundred bytes costs nothing. JPEGs decode at a reduced DCT scale
+when the model's input is smaller than the image (the label map is resized back anyway).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+import simplejpeg
+
+from segserve_server.errors import InvalidArgument
+
+ChannelOrder = Literal["RGB", "BGR", "GRAY"]
+RAW_CHANNELS: dict[str, int] = {"RGB": 3, "BGR": 3, "GRAY": 1}
+
+
+@dataclass(frozen=True)
+class RawPixels:
+    """Uncompressed pixels as a camera stack sends them."""
+
+    data: bytes | memoryview
+    width: int
+    height: int
+    order: ChannelOrder
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_pixels: int
+    max_side: int
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """Pixels (h, w, 3) or (h, w) and the original size; h, w may be smaller (DCT scaling)."""
+
+    pixels: np.ndarray
+    order: ChannelOrder
+    original_width: int
+    original_height: int
+    format: str
+
+
+def sniff_format(data: bytes | memoryview) -> str:
+    head = bytes(data[:16])
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if head.startswith(b"BM"):
+        return "BMP"
+    raise InvalidArgument(
+        f"unrecognised image format (first bytes {head[:8].hex()}); send JPEG, PNG, WebP or BMP"
+    )
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        raise InvalidArgument("PNG is truncated or corrupt: no IHDR chunk")
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def _webp_size(data: bytes) -> tuple[int, int]:
+    chunk = data[12:16]
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X" and len(data) >= 30:
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    raise InvalidArgument("WebP is truncated or corrupt: no VP8/VP8L/VP8X header")
+
+
+def _bmp_size(data: bytes) -> tuple[int, int]:
+    if len(data) < 26:
+        raise InvalidArgument("BMP is truncated: header incomplete")
+    (header_size,) = struct.unpack("<I", data[14:18])
+    if header_size == 12:
+        width, height = struct.unpack("<HH", data[18:22])
+    else:
+        width, height = struct.unpack("<ii", data[18:26])
+    return abs(width), abs(height)
+
+
+def _jpeg_size(data: bytes | memoryview) -> tuple[int, int]:
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError as exc:
+        raise InvalidArgument(f"JPEG header is corrupt or truncated: {exc}") from exc
+    return width, height
+
+
+def image_size(data: bytes | memoryview, fmt: str) -> tuple[int, int]:
+    """(width, height) from the header of an encoded image, without decoding it."""
+    if fmt == "JPEG":
+        return _jpeg_size(data)
+    head = bytes(data[:32])
+    return {"PNG": _png_size, "WebP": _webp_size, "BMP": _bmp_size}[fmt](head)
+
+
+def check_size(width: int, height: int, limits: ImageLimits, what: str = "image") -> None:
+    if width <= 0 or height <= 0:
+        raise InvalidArgument(f"{what} has an empty size {width}x{height}")
+    if width > limits.max_side or height > limits.max_side:
+        raise InvalidArgument(
+            f"{what} is {width}x{height} pixels; the largest side accepted is {limits.max_side}"
+        )
+    if width * height > limits.max_pixels:
+        raise InvalidArgument(
+            f"{what} is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
+        )
+
+
+def decode(
+    data: bytes | memoryview,
+    limits: ImageLimits,
+    *,
+    order: Literal["RGB", "BGR"] = "RGB",
+    min_size: tuple[int, int] | None = None,
+) -> DecodedImage:
+    """Decodes an encoded image into `order`; JPEGs at the smallest DCT scale >= min_size (w, h)."""
+    if len(data) == 0:
+        raise InvalidArgument("image is empty (0 bytes)")
+    fmt = sniff_format(data)
+    width, height = image_size(data, fmt)
+    check_size(width, height, limits, f"{fmt} image")
+    if fmt == "JPEG":
+        min_w, min_h = min_size or (0, 0)
+        try:
+            pixels = simplejpeg.decode_jpeg(
+                data, colorspace=order, min_width=min_w, min_height=min_h, strict=True
+            )
+        except ValueError as exc:
+            raise InvalidArgument(f"JPEG does not decode: {exc}") from exc
+    else:
+        flag = cv2.IMREAD_COLOR_RGB if order == "RGB" else cv2.IMREAD_COLOR_BGR
+        pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
+        if pixels is None:
+            raise InvalidArgument(f"{fmt} image does not decode: corrupt or truncated")
+        if pixels.shape[:2] != (height, width):
+            raise InvalidArgument(
+                f"{fmt} header says {width}x{height} but the pixels are "
+                f"{pixels.shape[1]}x{pixels.shape[0]}"
+            )
+    return DecodedImage(pixels, order, width, height, fmt)
+
+
+def from_raw(raw: RawPixels, limits: ImageLimits) -> DecodedImage:
+    """Wraps raw pixels without copying them, after checking the size and byte count."""
+    if raw.order not in RAW_CHANNELS:
+        raise InvalidArgument(
+            f"raw pixel format {raw.order!r} is not one of {sorted(RAW_CHANNELS)}"
+        )
+    check_size(raw.width, raw.height, limits, "raw image")
+    channels = RAW_CHANNELS[raw.order]
+    expected = raw.width * raw.height * channels
+    if len(raw.data) != expected:
+        raise InvalidArgument(
+            f"raw {raw.order} image of {raw.width}x{raw.height} needs {expected} bytes, "
+            f"got {len(raw.data)}"
+        )
+    shape = (raw.height, raw.width, channels) if channels == 3 else (raw.height, raw.width)
+    pixels = np.frombuffer(raw.data, dtype=np.uint8).reshape(shape)
+    return DecodedImage(pixels, raw.order, raw.width, raw.height, f"raw {raw.order}")

@@ -1,0 +1,94 @@
+"""Prometheus metrics of one server instance, in a registry of its own, served on /metrics."""
+
+from __future__ import annotations
+
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+STAGES = ("decode", "preprocess", "queue", "infer", "postprocess", "encode")
+
+
+class Metrics:
+    """The metric families; names and labels are listed in the README."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "segserve_requests",
+            "Segmentation requests answered, by model and gRPC status code.",
+            ["model", "code"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "segserve_request_duration_seconds",
+            "End-to-end server time of a segmentation request.",
+            ["model"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.stage_latency = Histogram(
+            "segserve_stage_duration_seconds",
+            "Time per request in each stage: decode, preprocess, queue, infer, postprocess, encode.",
+            ["model", "stage"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "segserve_batch_size",
+            "Requests per batch run on a backend.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_latency = Histogram(
+            "segserve_batch_duration_seconds",
+            "Backend time of one batch.",
+            ["model"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "segserve_queue_depth",
+            "Requests waiting in a model's batch queue.",
+            ["model"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "segserve_inflight_requests",
+            "Requests being processed, by model.",
+            ["model"],
+            registry=r,
+        )
+        self.model_ready = Gauge(
+            "segserve_model_ready",
+            "1 if the model version is loaded and serving, else 0.",
+            ["model", "version"],
+            registry=r,
+        )
+
+    def serve(self, host: str, port: int) -> WSGIServer:
+        """Starts the /metrics HTTP server in a thread; its server_port is the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server

@@ -1,0 +1,126 @@
+"""The segserve process: grpc.aio server with segserve.v1, health, reflection, metrics and drain.
+
+Drain (SIGTERM/SIGINT or Server.stop): health turns NOT_SERVING, streams stop reading frames,
+new calls are refused, every accepted request is answered (up to drain_timeout_s), then the
+models are released and the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from segserve.v1 import segserve_pb2 as pb
+from segserve.v1 import segserve_pb2_grpc as pb_grpc
+
+from segserve_server.core import SegmentationCore
+from segserve_server.grpc_service import SegmentationServicer
+from segserve_server.models import ModelState
+from segserve_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SEGMENTATION_SERVICE = pb.DESCRIPTOR.services_by_name["Segmentation"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Server:
+    """One segserve server. `await start()`, then `port` / `metrics_port`; `await stop()`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.core = SegmentationCore(settings)
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._metrics_server: WSGIServer | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        self._draining = asyncio.Event()
+        self._stopped = asyncio.Event()
+        await self.core.start()
+        self._grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", s.max_receive_message_bytes),
+                ("grpc.max_send_message_length", s.max_send_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        servicer = SegmentationServicer(self.core, max_inflight_frames=s.stream_max_inflight_frames)
+        servicer.draining = self._draining
+        pb_grpc.add_SegmentationServicer_to_server(servicer, self._grpc)
+        self._health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        reflection.enable_server_reflection(
+            (
+                SEGMENTATION_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self._grpc,
+        )
+        address = f"{s.host}:{s.port}" if ":" not in s.host else f"[{s.host}]:{s.port}"
+        self.port = self._grpc.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC port {address}")
+        await self._grpc.start()
+        await self._set_health()
+        if s.metrics_port is not None:
+            self._metrics_server = self.core.metrics.serve(s.host, s.metrics_port)
+            self.metrics_port = self._metrics_server.server_port
+        ready = [n for n, m in self.core.models.models.items() if m.state is ModelState.READY]
+        log.info(
+            "segserve listening on %s:%d (metrics on %s); models ready: %s",
+            s.host,
+            self.port,
+            self.metrics_port,
+            ", ".join(ready) or "none",
+        )
+
+    async def _set_health(self) -> None:
+        models = self.core.models.models
+        any_ready = False
+        for name, model in models.items():
+            ready = model.state is ModelState.READY and not self._draining.is_set()
+            any_ready |= ready
+            await self._health.set(name, SERVING if ready else NOT_SERVING)
+        overall = SERVING if any_ready else NOT_SERVING
+        await self._health.set("", overall)
+        await self._health.set(SEGMENTATION_SERVICE, overall)
+
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Drains: refuse new work, answer all accepted work (up to timeout_s), release."""
+        if self._draining.is_set():
+            await self._stopped.wait()
+            return
+        grace_s = self.settings.drain_timeout_s if timeout_s is None else timeout_s
+        log.info("draining (up to %.1fs)", grace_s)
+        self._draining.set()
+        await self._set_health()
+        await self._grpc.stop(grace_s)
+        await self.core.stop(timeout_s=grace_s)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(settings: Settings) -> None:
+    """Runs a server until SIGTERM or SIGINT, then drains and returns."""
+    server = Server(settings)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, lambda: asyncio.ensure_future(server.stop()))
+    await server.wait_for_termination()

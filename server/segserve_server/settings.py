@@ -1,0 +1,112 @@
+"""Server settings: command-line flags over SEGSERVE_* environment variables over a TOML file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything `segserve serve` can be told. Each field is also SEGSERVE_<FIELD_NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="SEGSERVE_", extra="forbid")
+
+    model_repository: Path = Path("model_repository")
+    """The Triton-style model repository to serve (one folder per model)."""
+
+    host: str = "0.0.0.0"
+    """Address the gRPC and metrics servers bind to."""
+
+    port: int = Field(50051, ge=0, le=65535)
+    """gRPC port of the segserve.v1 API, health and reflection; 0 picks a free port."""
+
+    metrics_port: int | None = Field(9464, ge=0, le=65535)
+    """Port of the Prometheus /metrics HTTP endpoint; 0 picks a free port, unset disables it."""
+
+    max_receive_message_bytes: int = Field(64 * MIB, ge=MIB)
+    """Largest request message accepted; larger ones get RESOURCE_EXHAUSTED (a 4K PNG fits)."""
+
+    max_send_message_bytes: int = Field(64 * MIB, ge=MIB)
+    """Largest response message sent."""
+
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    """Images with more pixels (width * height) are refused before decoding."""
+
+    max_image_side: int = Field(16384, ge=1)
+    """Images wider or taller than this are refused before decoding."""
+
+    worker_threads: int = Field(default_factory=lambda: os.cpu_count() or 2, ge=1)
+    """Threads that decode, preprocess, postprocess and encode (they release the GIL)."""
+
+    ort_intra_op_threads: int = Field(0, ge=0)
+    """ONNX Runtime intra-op threads per model instance; 0 lets ONNX Runtime choose."""
+
+    ort_providers: list[str] | None = None
+    """ONNX Runtime execution providers to use, overriding each model's config.pbtxt choice."""
+
+    jpeg_dct_scaling: bool = True
+    """Decode JPEGs at a reduced DCT scale when the model's input is smaller than the image."""
+
+    png_compression_level: int = Field(1, ge=0, le=9)
+    """zlib level of PNG and SRLE masks: 1 is fastest and already small for label maps."""
+
+    stream_max_inflight_frames: int = Field(4, ge=1)
+    """Frames of one SegmentStream processed at once; further frames wait (flow control)."""
+
+    drain_timeout_s: float = Field(30.0, gt=0)
+    """On SIGTERM/SIGINT, how long accepted requests get to finish before the server exits."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Logging level."""
+
+    @field_validator("model_repository")
+    @classmethod
+    def _repository_exists(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"model repository {str(value)!r} is not a directory")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("toml_file"):
+            sources.append(TomlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: object) -> Settings:
+    """Builds settings from `overrides` (flags), then the environment, then `config_file`."""
+    settings_cls = Settings
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ValueError(f"config file {str(config_file)!r} does not exist")
+
+        class FileSettings(Settings):
+            model_config = SettingsConfigDict(toml_file=config_file)
+
+        settings_cls = FileSettings
+    given = {key: value for key, value in overrides.items() if value is not None}
+    return settings_cls(**given)  # type: ignore[arg-type]
