@@ -1,0 +1,136 @@
+"""Shared fixtures: a real model repository of ONNX models, a real server on loopback, images."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+
+from segserve.v1 import segserve_pb2_grpc as pb_grpc
+from segserve_server.server import Server
+from segserve_server.settings import Settings
+from segserve_server.synthetic_models import write_entry
+
+ROOT = Path(__file__).resolve().parent.parent
+CAMVID = Path(os.environ.get("SEGSERVE_CAMVID", ROOT.parent / "shared" / "data" / "camvid"))
+
+# Model input sizes of the test repository.
+H, W = 48, 64
+
+
+def build_test_repository(root: Path) -> Path:
+    """Models for the tests: each is a real ONNX model run by onnxruntime."""
+    write_entry(root, "colour", H, W, max_batch_size=8, max_queue_delay_us=2000, max_queue_size=64)
+    write_entry(
+        root,
+        "colour_logits",
+        H,
+        W,
+        output="logits",
+        versions=(1, 2, 3),
+        extra="version_policy: { specific: { versions: [1, 2] } }",
+    )
+    # Batches run only when 4 requests are queued (or after 30 s): batch forming is observable.
+    write_entry(
+        root,
+        "colour_batch4",
+        H,
+        W,
+        max_batch_size=4,
+        preferred_batch_sizes=(4,),
+        max_queue_delay_us=30_000_000,
+        max_queue_size=6,
+    )
+    # Waits 30 s for a batch of 8 and queues at most 2: a full queue is observable.
+    write_entry(
+        root,
+        "colour_queue2",
+        H,
+        W,
+        max_batch_size=8,
+        preferred_batch_sizes=(8,),
+        max_queue_delay_us=30_000_000,
+        max_queue_size=2,
+    )
+    # Slow enough per request (tens of ms) that requests are in flight when a test acts.
+    write_entry(root, "colour_busy", 256, 256, busy_layers=24, max_batch_size=2)
+    broken = root / "broken_config"
+    (broken / "1").mkdir(parents=True)
+    (broken / "config.pbtxt").write_text(
+        'name: "broken_config" platform: "onnxruntime_onnx" input ['
+    )
+    missing = write_entry(root, "missing_file", H, W)
+    (missing / "1" / "model.onnx").unlink()
+    return root
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_test_repository(tmp_path_factory.mktemp("repository"))
+
+
+def make_settings(repository: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "model_repository": repository,
+        "host": "127.0.0.1",
+        "port": 0,
+        "metrics_port": 0,
+        "worker_threads": 2,
+        "ort_intra_op_threads": 1,
+        "log_level": "WARNING",
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+async def server(repository: Path) -> AsyncIterator[Server]:
+    srv = Server(make_settings(repository))
+    await srv.start()
+    yield srv
+    await srv.stop(timeout_s=5)
+
+
+@pytest.fixture(scope="session")
+async def channel(server: Server) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def stub(channel: grpc.aio.Channel) -> pb_grpc.SegmentationStub:
+    return pb_grpc.SegmentationStub(channel)
+
+
+def quadrant_image(height: int = H, width: int = W) -> np.ndarray:
+    """An RGB image with four flat quadrants: red, green, blue, white (classes 1, 2, 3, 4)."""
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    h2, w2 = height // 2, width // 2
+    image[:h2, :w2] = (255, 0, 0)
+    image[:h2, w2:] = (0, 255, 0)
+    image[h2:, :w2] = (0, 0, 255)
+    image[h2:, w2:] = (255, 255, 255)
+    return image
+
+
+def encode(rgb: np.ndarray, ext: str = ".png", **params: int) -> bytes:
+    flags: list[int] = []
+    if ext == ".jpg":
+        flags = [cv2.IMWRITE_JPEG_QUALITY, params.get("quality", 95)]
+    ok, data = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), flags)
+    assert ok
+    return data.tobytes()
+
+
+@pytest.fixture(scope="session")
+def camvid_frame() -> Iterator[bytes]:
+    """A real CamVid street scene as PNG bytes (skipped where ../shared/data is absent)."""
+    frames = sorted((CAMVID / "val").glob("*.png"))
+    if not frames:
+        pytest.skip(f"CamVid not found at {CAMVID}")
+    yield frames[0].read_bytes()

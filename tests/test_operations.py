@@ -1,0 +1,160 @@
+"""What operators use: health, reflection, Prometheus metrics, and SIGTERM drain of `segserve serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from segserve.v1 import segserve_pb2 as pb
+from segserve.v1 import segserve_pb2_grpc as pb_grpc
+from tests.conftest import encode, quadrant_image
+
+PNG = encode(quadrant_image())
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_health_overall_and_per_model(channel):
+    health = health_pb2_grpc.HealthStub(channel)
+
+    async def status(service: str) -> int:
+        return (await health.Check(health_pb2.HealthCheckRequest(service=service))).status
+
+    assert await status("") == SERVING
+    assert await status("segserve.v1.Segmentation") == SERVING
+    assert await status("colour") == SERVING
+    assert await status("broken_config") == NOT_SERVING
+    assert await status("missing_file") == NOT_SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await status("no_such_model")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_reflection_describes_the_api(server):
+    def describe() -> tuple[list[str], list[str]]:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            database = ProtoReflectionDescriptorDatabase(channel)
+            services = list(database.get_services())
+            service = database.FindFileContainingSymbol("segserve.v1.Segmentation").service[0]
+            return services, [m.name for m in service.method]
+
+    services, methods = await asyncio.to_thread(describe)
+    assert "segserve.v1.Segmentation" in services and "grpc.health.v1.Health" in services
+    assert methods == ["Segment", "SegmentStream", "ListModels", "GetModel"]
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    selector = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = rf"^{re.escape(name)}\{{{re.escape(selector)}\}} (\S+)$"
+    match = re.search(pattern, text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+async def test_metrics_count_requests_stages_and_batches(server, stub):
+    before = await asyncio.to_thread(scrape, server.metrics_port)
+    await stub.Segment(pb.SegmentRequest(model="colour", image=pb.Image(encoded=PNG)))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.Segment(pb.SegmentRequest(model="colour", image=pb.Image(encoded=b"junk")))
+    after = await asyncio.to_thread(scrape, server.metrics_port)
+
+    def grew(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert grew("segserve_requests_total", model="colour", code="OK") == 1
+    assert grew("segserve_requests_total", model="colour", code="INVALID_ARGUMENT") == 1
+    assert grew("segserve_request_duration_seconds_count", model="colour") == 2
+    for stage in ("decode", "preprocess", "queue", "infer", "postprocess", "encode"):
+        assert grew("segserve_stage_duration_seconds_count", model="colour", stage=stage) == 1
+    assert grew("segserve_batch_size_count", model="colour") == 1
+    assert sample(after, "segserve_queue_depth", model="colour") == 0
+    assert sample(after, "segserve_inflight_requests", model="colour") == 0
+    assert sample(after, "segserve_model_ready", model="colour", version="1") == 1
+    assert sample(after, "segserve_model_ready", model="missing_file", version="1") == 0
+
+
+async def _start_cli_server(repository) -> tuple[subprocess.Popen[str], int, int]:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "segserve_server.cli",
+            "serve",
+            "--model-repository",
+            str(repository),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--drain-timeout-s",
+            "20",
+            "--ort-intra-op-threads",
+            "1",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = await asyncio.to_thread(process.stderr.readline)
+        if match := re.search(r"listening on 127\.0\.0\.1:(\d+) \(metrics on (\d+)\)", line):
+            return process, int(match.group(1)), int(match.group(2))
+        if not line and process.poll() is not None:
+            break
+    process.kill()
+    raise AssertionError("segserve serve did not start")
+
+
+async def test_sigterm_drains_everything_accepted(repository):
+    process, port, _ = await _start_cli_server(repository)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.SegmentationStub(channel)
+            busy = pb.SegmentRequest(model="colour_busy", image=pb.Image(encoded=PNG))
+            unary = [asyncio.ensure_future(stub.Segment(busy)) for _ in range(8)]
+            stream = stub.SegmentStream()
+            for frame_id in range(4):
+                await stream.write(pb.SegmentStreamRequest(frame_id=frame_id, request=busy))
+            first = await stream.read()
+            assert first.frame_id == 0
+            await asyncio.sleep(0.2)  # every unary call and frame has reached the server
+
+            process.send_signal(signal.SIGTERM)
+            answers = await asyncio.gather(*unary, return_exceptions=True)
+            assert all(isinstance(a, pb.SegmentResponse) for a in answers), answers
+            frames = [first]
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                while (answer := await stream.read()) != grpc.aio.EOF:
+                    frames.append(answer)
+            # Every frame sent before the drain was answered; then the stream says why it ends.
+            assert [f.frame_id for f in frames] == [0, 1, 2, 3]
+            assert all(f.WhichOneof("result") == "response" for f in frames)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "draining" in ended.value.details()
+
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Segment(busy, timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert await asyncio.to_thread(process.wait, 30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -1,0 +1,178 @@
+"""Segment, ListModels and GetModel against a real server on loopback, with real ONNX models."""
+
+from __future__ import annotations
+
+import asyncio
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+
+from segserve.v1 import segserve_pb2 as pb
+from segserve_client.masks import decode_png, decode_srle
+from segserve_server.synthetic_models import COLOUR_PALETTE, expected_colour_labels
+from tests.conftest import H, W, encode, quadrant_image
+
+EXPECTED_QUADRANTS = expected_colour_labels(quadrant_image())
+
+
+def request(
+    model: str = "colour", image: bytes | None = None, **fields: object
+) -> pb.SegmentRequest:
+    data = encode(quadrant_image()) if image is None else image
+    return pb.SegmentRequest(model=model, image=pb.Image(encoded=data), **fields)
+
+
+async def test_png_at_model_size_gives_exact_labels(stub):
+    response = await stub.Segment(request(include_pixel_counts=True))
+    labels = decode_srle(response.masks[0].data)
+    assert response.masks[0].encoding == pb.MASK_ENCODING_SRLE
+    assert (response.width, response.height) == (W, H)
+    np.testing.assert_array_equal(labels, EXPECTED_QUADRANTS)
+    assert [c.name for c in response.classes] == ["red", "green", "blue", "bright"]
+    assert sum(c.pixel_count for c in response.classes) == W * H
+    assert response.model == "colour" and response.model_version == 1
+
+
+async def test_jpeg_mask_comes_back_at_the_image_size(stub):
+    rgb = cv2.resize(quadrant_image(), (640, 480), interpolation=cv2.INTER_NEAREST)
+    response = await stub.Segment(request(image=encode(rgb, ".jpg")))
+    labels = decode_srle(response.masks[0].data)
+    assert labels.shape == (480, 640)
+    assert labels.max() < 5
+    # Away from the quadrant borders (JPEG ringing), each quadrant is its colour's class.
+    assert (labels[100, 100], labels[100, 500], labels[400, 100], labels[400, 500]) == (1, 2, 3, 4)
+    timings = response.timings
+    assert timings.total_us >= timings.infer_us > 0
+    assert timings.decode_us > 0 and timings.encode_us > 0 and timings.batch_size >= 1
+
+
+async def test_every_encoding_decodes_to_the_same_map(stub):
+    encodings = [pb.MASK_ENCODING_PNG, pb.MASK_ENCODING_RAW, pb.MASK_ENCODING_SRLE]
+    response = await stub.Segment(request(encodings=encodings, embed_palette=True))
+    assert [m.encoding for m in response.masks] == encodings
+    png, palette = decode_png(response.masks[0].data)
+    raw = np.frombuffer(response.masks[1].data, dtype=np.uint8).reshape(H, W)
+    srle = decode_srle(response.masks[2].data)
+    for labels in (png, raw, srle):
+        np.testing.assert_array_equal(labels, EXPECTED_QUADRANTS)
+    assert palette == [tuple(c) for c in COLOUR_PALETTE]
+    # A viewer shows the palette's colours: OpenCV expands the indexed PNG to them.
+    shown = cv2.imdecode(np.frombuffer(response.masks[0].data, np.uint8), cv2.IMREAD_COLOR_RGB)
+    np.testing.assert_array_equal(shown, np.array(COLOUR_PALETTE, np.uint8)[EXPECTED_QUADRANTS])
+
+
+async def test_png_without_palette_is_greyscale_class_ids(stub):
+    response = await stub.Segment(request(encodings=[pb.MASK_ENCODING_PNG]))
+    decoded = cv2.imdecode(np.frombuffer(response.masks[0].data, np.uint8), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(decoded, EXPECTED_QUADRANTS)
+
+
+@pytest.mark.parametrize("ext", [".png", ".bmp", ".webp", ".jpg"])
+async def test_each_image_format(stub, ext):
+    rgb = cv2.resize(quadrant_image(), (W * 4, H * 4), interpolation=cv2.INTER_NEAREST)
+    params = {"quality": 100} if ext == ".jpg" else {}
+    response = await stub.Segment(request(image=encode(rgb, ext, **params)))
+    labels = decode_srle(response.masks[0].data)
+    assert labels.shape == (H * 4, W * 4)
+    assert (labels[20, 20], labels[20, -20], labels[-20, 20], labels[-20, -20]) == (1, 2, 3, 4)
+
+
+@pytest.mark.parametrize(
+    ("pixel_format", "convert"),
+    [
+        (pb.PIXEL_FORMAT_RGB8, lambda rgb: rgb),
+        (pb.PIXEL_FORMAT_BGR8, lambda rgb: rgb[:, :, ::-1]),
+    ],
+)
+async def test_raw_pixels_match_encoded(stub, pixel_format, convert):
+    pixels = np.ascontiguousarray(convert(quadrant_image()))
+    raw = pb.RawImage(pixels=pixels.tobytes(), width=W, height=H, format=pixel_format)
+    response = await stub.Segment(pb.SegmentRequest(model="colour", image=pb.Image(raw=raw)))
+    np.testing.assert_array_equal(decode_srle(response.masks[0].data), EXPECTED_QUADRANTS)
+
+
+async def test_raw_gray_pixels(stub):
+    gray = np.zeros((H, W), dtype=np.uint8)
+    gray[:, W // 2 :] = 255
+    raw = pb.RawImage(pixels=gray.tobytes(), width=W, height=H, format=pb.PIXEL_FORMAT_GRAY8)
+    response = await stub.Segment(pb.SegmentRequest(model="colour", image=pb.Image(raw=raw)))
+    labels = decode_srle(response.masks[0].data)
+    assert set(np.unique(labels[:, : W // 2])) == {0} and set(np.unique(labels[:, W // 2 :])) == {4}
+
+
+async def test_output_size_model(stub):
+    rgb = cv2.resize(quadrant_image(), (W * 3, H * 3), interpolation=cv2.INTER_NEAREST)
+    response = await stub.Segment(
+        request(image=encode(rgb), output_size=pb.OUTPUT_SIZE_MODEL, include_pixel_counts=True)
+    )
+    assert (response.width, response.height) == (W, H)
+    assert decode_srle(response.masks[0].data).shape == (H, W)
+
+
+async def test_logits_model_and_versions(stub):
+    latest = await stub.Segment(request("colour_logits"))
+    assert latest.model_version == 2  # version 3 exists but version_policy selects 1 and 2
+    first = await stub.Segment(request("colour_logits", model_version=1))
+    assert first.model_version == 1
+    np.testing.assert_array_equal(decode_srle(first.masks[0].data), EXPECTED_QUADRANTS)
+    for version in (3, 9):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Segment(request("colour_logits", model_version=version))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert f"version {version}" in err.value.details()
+
+
+async def test_real_street_scene(stub, camvid_frame):
+    response = await stub.Segment(request(image=camvid_frame, include_pixel_counts=True))
+    labels = decode_srle(response.masks[0].data)
+    assert labels.shape == (360, 480)
+    assert labels.max() < 5
+    assert sum(c.pixel_count for c in response.classes) == 360 * 480
+
+
+async def test_list_models_reports_failures_and_keeps_serving(stub):
+    models = {m.name: m for m in (await stub.ListModels(pb.ListModelsRequest())).models}
+    assert models["colour"].state == pb.MODEL_STATE_READY
+    assert models["colour_logits"].versions == [1, 2, 3]
+    assert models["colour_logits"].serving_version == 2
+    assert models["broken_config"].state == pb.MODEL_STATE_FAILED
+    assert "does not parse" in models["broken_config"].reason
+    assert models["missing_file"].state == pb.MODEL_STATE_FAILED
+    assert "model.onnx" in models["missing_file"].reason
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Segment(request("missing_file"))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "missing" in err.value.details()
+
+
+async def test_get_model(stub):
+    info = await stub.GetModel(pb.GetModelRequest(name="colour"))
+    assert (info.input_width, info.input_height) == (W, H)
+    assert [c.name for c in info.classes] == ["dark", "red", "green", "blue", "bright"]
+    assert (info.classes[1].red, info.classes[1].green, info.classes[1].blue) == COLOUR_PALETTE[1]
+    assert info.outputs_labels and info.state == pb.MODEL_STATE_READY
+    assert info.batching.max_batch_size == 8 and info.batching.max_queue_size == 64
+    assert info.backend == "onnxruntime:CPUExecutionProvider"
+    logits = await stub.GetModel(pb.GetModelRequest(name="colour_logits", version=1))
+    assert logits.version == 1 and not logits.outputs_labels
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetModel(pb.GetModelRequest(name="nope"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_batches_form_under_concurrency(stub):
+    """colour_batch4 runs only full batches of 4: four concurrent requests share one batch."""
+    responses = await asyncio.gather(*(stub.Segment(request("colour_batch4")) for _ in range(4)))
+    assert [r.timings.batch_size for r in responses] == [4, 4, 4, 4]
+    for response in responses:
+        np.testing.assert_array_equal(decode_srle(response.masks[0].data), EXPECTED_QUADRANTS)
+
+
+async def test_many_concurrent_requests_batch_and_all_answer(stub):
+    responses = await asyncio.gather(*(stub.Segment(request()) for _ in range(24)))
+    assert all(r.timings.batch_size >= 1 for r in responses)
+    assert max(r.timings.batch_size for r in responses) > 1
+    for response in responses:
+        np.testing.assert_array_equal(decode_srle(response.masks[0].data), EXPECTED_QUADRANTS)
