@@ -129,6 +129,8 @@ class Batcher:
             raise ModelUnavailable(f"model {self._name} is not accepting requests (draining)")
         limit = self._config.max_queue_size
         if limit and len(self._queue) >= limit:
+            self._drop_dead()
+        if limit and len(self._queue) >= limit:
             raise QueueFull(
                 f"model {self._name} has {len(self._queue)} requests queued (limit {limit})"
             )
@@ -136,9 +138,15 @@ class Batcher:
         if deadline_s is not None and now >= deadline_s:
             raise DeadlineExceeded(f"deadline passed before request was queued for {self._name}")
         future: asyncio.Future[BatchOutcome] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(self._wake_if_cancelled)
         self._queue.append(_Pending(tensor, future, now, deadline_s))
         self._wakeup.set()
         return await future
+
+    def _wake_if_cancelled(self, future: asyncio.Future[BatchOutcome]) -> None:
+        """A caller gave up: wake the loop so the request leaves the queue now, not at its turn."""
+        if future.cancelled():
+            self._wakeup.set()
 
     async def stop(self, timeout_s: float | None = None) -> None:
         """Stops accepting; runs everything queued, then stops. After timeout_s, fails the rest."""

@@ -21,8 +21,8 @@ from typing import TypeVar
 
 import cv2
 import numpy as np
-from segserve_client import masks
 
+from segserve_client import masks
 from segserve_server import imaging, postprocess
 from segserve_server.errors import DeadlineExceeded, InvalidArgument, SegserveError
 from segserve_server.metrics import STAGES, Metrics
@@ -243,7 +243,9 @@ class SegmentationCore:
         counts = postprocess.class_pixel_counts(labels, len(config.classes))
         classes = [
             ClassCount(
-                int(i), config.classes[i].name, int(counts[i]) if request.include_pixel_counts else 0
+                int(i),
+                config.classes[i].name,
+                int(counts[i]) if request.include_pixel_counts else 0,
             )
             for i in np.flatnonzero(counts)
         ]

@@ -8,23 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from segserve.v1 import segserve_pb2 as pb
-from segserve.v1 import segserve_pb2_grpc as pb_grpc
+from google.protobuf.message import DecodeError, Message
 
+from segserve.v1 import segserve_pb2 as pb
 from segserve_server.core import MaskEncoding, SegmentationCore, SegmentInput, SegmentOutput
 from segserve_server.errors import InvalidArgument, ModelNotFound, SegserveError
 from segserve_server.imaging import RawPixels
 from segserve_server.models import Model, ModelState, ModelVersion
 
 log = logging.getLogger(__name__)
-R = TypeVar("R")
+M = TypeVar("M", bound=Message)
 
 _ENCODINGS = {
     pb.MASK_ENCODING_SRLE: MaskEncoding.SRLE,
@@ -165,27 +164,77 @@ def model_info(model: Model, version: ModelVersion | None) -> pb.ModelInfo:
     return info
 
 
-def _grpc_errors(
-    method: Callable[..., Awaitable[R]],
-) -> Callable[..., Awaitable[R]]:
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+def _parse(message_cls: type[M], data: bytes) -> M:
+    try:
+        return message_cls.FromString(data)
+    except DecodeError as exc:
+        raise InvalidArgument(
+            f"request is not a valid {message_cls.DESCRIPTOR.full_name} message: {exc}"
+        ) from exc
+
+
+def segmentation_handler(servicer: SegmentationServicer) -> grpc.GenericRpcHandler:
+    """gRPC handlers for segserve.v1.Segmentation, with the one place errors become statuses.
+
+    Requests arrive as bytes and are parsed here, so that a message of the wrong type is
+    INVALID_ARGUMENT rather than gRPC's UNKNOWN; every SegserveError becomes its status code.
+    """
+    service = pb.DESCRIPTOR.services_by_name["Segmentation"]
+    handlers = {}
+    for method in service.methods:
+        request_cls = getattr(pb, method.input_type.name)
+        behaviour = getattr(servicer, method.name)
+        serialize = getattr(pb, method.output_type.name).SerializeToString
+        if method.client_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                _streaming(request_cls, behaviour), response_serializer=serialize
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _unary(request_cls, behaviour), response_serializer=serialize
+            )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+def _unary(
+    request_cls: type[M], behaviour: Callable[..., Awaitable[Any]]
+) -> Callable[..., Awaitable[Any]]:
+    async def handle(data: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await method(self, request, context)
+            return await behaviour(_parse(request_cls, data), context)
         except SegserveError as exc:
             await context.abort(*_status_of(exc))
-            raise  # unreachable: abort raises
 
-    return wrapper
+    return handle
 
 
-class SegmentationServicer(pb_grpc.SegmentationServicer):
+def _streaming(
+    request_cls: type[M], behaviour: Callable[..., AsyncIterator[Any]]
+) -> Callable[..., AsyncIterator[Any]]:
+    async def handle(
+        frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        async def parsed() -> AsyncIterator[M]:
+            async for data in frames:
+                yield _parse(request_cls, data)
+
+        try:
+            async for answer in behaviour(parsed(), context):
+                yield answer
+        except SegserveError as exc:
+            await context.abort(*_status_of(exc))
+
+    return handle
+
+
+class SegmentationServicer:
+    """The methods of segserve.v1.Segmentation, on parsed messages; see segmentation_handler."""
+
     def __init__(self, core: SegmentationCore, *, max_inflight_frames: int) -> None:
         self._core = core
         self._max_inflight_frames = max_inflight_frames
         self.draining: asyncio.Event | None = None  # set by the server at start
 
-    @_grpc_errors
     async def Segment(
         self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext
     ) -> pb.SegmentResponse:
@@ -280,14 +329,12 @@ class SegmentationServicer(pb_grpc.SegmentationServicer):
             await read
         return _Drained()
 
-    @_grpc_errors
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         models = self._core.models.models
         return pb.ListModelsResponse(models=[model_summary(models[n]) for n in sorted(models)])
 
-    @_grpc_errors
     async def GetModel(
         self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:

@@ -16,11 +16,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-from segserve.v1 import segserve_pb2 as pb
-from segserve.v1 import segserve_pb2_grpc as pb_grpc
 
+from segserve.v1 import segserve_pb2 as pb
 from segserve_server.core import SegmentationCore
-from segserve_server.grpc_service import SegmentationServicer
+from segserve_server.grpc_service import SegmentationServicer, segmentation_handler
 from segserve_server.models import ModelState
 from segserve_server.settings import Settings
 
@@ -55,7 +54,7 @@ class Server:
         )
         servicer = SegmentationServicer(self.core, max_inflight_frames=s.stream_max_inflight_frames)
         servicer.draining = self._draining
-        pb_grpc.add_SegmentationServicer_to_server(servicer, self._grpc)
+        self._grpc.add_generic_rpc_handlers((segmentation_handler(servicer),))
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(

@@ -57,6 +57,19 @@ class OnnxRuntimeBackend(Backend):
         self._input_name = config.input_name
         self._output_name = config.output_name
         self._provider = self._session.get_providers()[0]
+        self._warm_up(config)
+
+    def _warm_up(self, config: ModelConfig) -> None:
+        """Runs one zero batch so that the first request does not pay for lazy initialisation."""
+        shape = (
+            (1, 3, config.input_height, config.input_width)
+            if config.input_layout == "NCHW"
+            else (1, config.input_height, config.input_width, 3)
+        )
+        try:
+            self.infer(np.zeros(shape, dtype=config.input_dtype))
+        except Exception as exc:  # a model that cannot run a zero batch cannot serve
+            raise ModelConfigError(f"warm-up inference failed: {exc}") from exc
 
     def _check_signature(self, config: ModelConfig) -> None:
         inputs = {i.name: i for i in self._session.get_inputs()}
