@@ -133,7 +133,10 @@ async def test_real_street_scene(stub, camvid_frame):
 
 
 async def test_list_models_reports_failures_and_keeps_serving(stub):
-    models = {m.name: m for m in (await stub.ListModels(pb.ListModelsRequest())).models}
+    listing = await stub.ListModels(pb.ListModelsRequest())
+    assert listing.limits.max_request_bytes == 64 * 1024 * 1024
+    assert listing.limits.max_image_side == 16384 and listing.limits.max_image_pixels > 0
+    models = {m.name: m for m in listing.models}
     assert models["colour"].state == pb.MODEL_STATE_READY
     assert models["colour_logits"].versions == [1, 2, 3]
     assert models["colour_logits"].serving_version == 2

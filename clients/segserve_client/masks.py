@@ -60,12 +60,13 @@ def decode_srle(data: bytes | memoryview) -> np.ndarray:
         raise MaskDecodeError(f"not SRLE data: magic {magic!r}, expected {SRLE_MAGIC!r}")
     if not (0 < width <= SRLE_MAX_WIDTH) or height == 0:
         raise MaskDecodeError(f"SRLE header has invalid size {width}x{height}")
+    if bytes(data[13:16]) != b"\0\0\0":
+        raise MaskDecodeError("SRLE header's reserved bytes are not zero")
     payload = bytes(data[_SRLE_HEADER.size :])
+    # At most one run per pixel: a larger body is corrupt (or a decompression bomb).
+    max_body = 4 + 3 * width * height
     if codec == SRLE_CODEC_ZLIB:
-        try:
-            body = zlib.decompress(payload)
-        except zlib.error as exc:
-            raise MaskDecodeError(f"SRLE body does not inflate: {exc}") from exc
+        body = _inflate(payload, max_body, "SRLE body")
     elif codec == SRLE_CODEC_STORED:
         body = payload
     else:
@@ -77,9 +78,29 @@ def decode_srle(data: bytes | memoryview) -> np.ndarray:
         raise MaskDecodeError(f"SRLE body is {len(body)} bytes, expected {4 + 3 * runs}")
     values = np.frombuffer(body, dtype=np.uint8, count=runs, offset=4)
     lengths = np.frombuffer(body, dtype="<u2", count=runs, offset=4 + runs)
-    if int(lengths.sum(dtype=np.int64)) != width * height:
-        raise MaskDecodeError(f"SRLE runs cover {int(lengths.sum())} pixels, not {width}x{height}")
+    ends = np.cumsum(lengths, dtype=np.int64)
+    if runs == 0 or int(ends[-1]) != width * height:
+        covered = int(ends[-1]) if runs else 0
+        raise MaskDecodeError(f"SRLE runs cover {covered} pixels, not {width}x{height}")
+    if int(lengths.min()) == 0:
+        raise MaskDecodeError("SRLE has a run of length 0")
+    if np.any((ends - lengths) // width != (ends - 1) // width):
+        raise MaskDecodeError("SRLE has a run that crosses the end of a row")
     return np.repeat(values, lengths).reshape(height, width)
+
+
+def _inflate(payload: bytes, max_size: int, what: str) -> bytes:
+    """zlib-decompresses at most max_size bytes; more, or trailing data, is corrupt input."""
+    inflater = zlib.decompressobj()
+    try:
+        body = inflater.decompress(payload, max_size)
+    except zlib.error as exc:
+        raise MaskDecodeError(f"{what} does not inflate: {exc}") from exc
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise MaskDecodeError(f"{what} is larger than its size allows, or truncated")
+    if inflater.unused_data:
+        raise MaskDecodeError(f"{what} has {len(inflater.unused_data)} bytes after its end")
+    return body
 
 
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
@@ -180,6 +201,8 @@ def decode_png(data: bytes | memoryview) -> tuple[np.ndarray, list[tuple[int, in
             raise MaskDecodeError(f"PNG chunk {kind!r} is truncated")
         offset += 12 + length
         if kind == b"IHDR":
+            if length != 13:
+                raise MaskDecodeError(f"PNG IHDR chunk is {length} bytes, not 13")
             header = struct.unpack(">IIBBBBB", payload)
         elif kind == b"PLTE":
             palette = [tuple(payload[i : i + 3]) for i in range(0, length - 2, 3)]  # type: ignore[misc]
@@ -190,16 +213,17 @@ def decode_png(data: bytes | memoryview) -> tuple[np.ndarray, list[tuple[int, in
     if header is None:
         raise MaskDecodeError("PNG has no IHDR chunk")
     width, height, depth, colour_type, _, _, interlace = header
+    if width == 0 or height == 0:
+        raise MaskDecodeError(f"PNG has an empty size {width}x{height}")
     if depth != 8 or colour_type not in (0, 3) or interlace != 0:
         raise MaskDecodeError(
             f"PNG is bit depth {depth}, colour type {colour_type}, interlace {interlace}; "
             "expected an 8-bit greyscale or indexed, non-interlaced label map"
         )
-    try:
-        raw = zlib.decompress(b"".join(idat))
-    except zlib.error as exc:
-        raise MaskDecodeError(f"PNG image data does not inflate: {exc}") from exc
+    raw = _inflate(b"".join(idat), height * (width + 1), "PNG image data")
     if len(raw) != height * (width + 1):
-        raise MaskDecodeError(f"PNG image data is {len(raw)} bytes, expected {height * (width + 1)}")
+        raise MaskDecodeError(
+            f"PNG image data is {len(raw)} bytes, expected {height * (width + 1)}"
+        )
     rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, width + 1)
     return _unfilter_rows(rows), palette

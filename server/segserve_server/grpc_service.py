@@ -333,7 +333,15 @@ class SegmentationServicer:
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         models = self._core.models.models
-        return pb.ListModelsResponse(models=[model_summary(models[n]) for n in sorted(models)])
+        settings = self._core.settings
+        limits = pb.ServerLimits(
+            max_request_bytes=settings.max_receive_message_bytes,
+            max_image_pixels=settings.max_image_pixels,
+            max_image_side=settings.max_image_side,
+        )
+        return pb.ListModelsResponse(
+            models=[model_summary(models[n]) for n in sorted(models)], limits=limits
+        )
 
     async def GetModel(
         self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext

@@ -73,7 +73,9 @@ class SegmentationServicer:
         were sent, tagged with the frame's `frame_id`. A frame that fails (a corrupt image, a deadline)
         is answered with `error` and the stream goes on; only a stream-level failure (the server
         draining, the client cancelling) ends the stream, and every frame accepted before that is
-        still answered.
+        still answered: a frame that has no answer when the stream ends was not processed. Frames
+        share the stream's deadline; a frame still unanswered when it passes fails with
+        DEADLINE_EXCEEDED like the stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,199 @@
+"""The synchronous segserve client.
+
+    with SegserveClient("localhost:50051") as client:
+        result = client.segment("street.jpg", "roadseg", encodings="png")
+        labels = result.labels  # (H, W) uint8 class ids
+
+Requests are built and answers converted in `segserve_client.types`, shared with the asyncio
+client (`segserve_client.aio`); failed RPCs raise `SegserveError`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from types import TracebackType
+
+import grpc
+
+from segserve.v1 import segserve_pb2 as pb
+from segserve.v1 import segserve_pb2_grpc as pb_grpc
+from segserve_client.errors import SegserveError, rpc_errors
+from segserve_client.types import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Choice,
+    Frame,
+    ImageInput,
+    ModelInfo,
+    ModelSummary,
+    ReadinessWait,
+    RequestFeed,
+    Segmentation,
+    SegmentOptions,
+    StreamResult,
+    channel_options,
+    stream_result,
+)
+
+
+class SegserveClient:
+    """A blocking client of one segserve server, over one gRPC channel (thread-safe).
+
+    `timeout_s` is the default deadline of each unary call (None: no deadline); the channel is
+    TLS when `credentials` (grpc.ssl_channel_credentials(...)) are given, plaintext otherwise.
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout_s: float | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        options = channel_options(max_message_bytes)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._stub = pb_grpc.SegmentationStub(self._channel)
+
+    def segment(
+        self,
+        image: ImageInput | pb.Image,
+        model: str,
+        *,
+        version: int = 0,
+        encodings: Choice | Sequence[Choice] = ("srle",),
+        output_size: Choice = "original",
+        include_pixel_counts: bool = False,
+        embed_palette: bool = False,
+        pixel_format: str = "rgb",
+        timeout_s: float | None = None,
+    ) -> Segmentation:
+        """Segments one image (encoded bytes, a file path or a uint8 array, see ImageInput).
+
+        `pixel_format` ("rgb" or "bgr") tells the channel order of (H, W, 3) arrays.
+        """
+        options = SegmentOptions.create(
+            model,
+            version=version,
+            encodings=encodings,
+            output_size=output_size,
+            include_pixel_counts=include_pixel_counts,
+            embed_palette=embed_palette,
+            pixel_format=pixel_format,
+        )
+        request = options.request(image)
+        with rpc_errors():
+            response = self._stub.Segment(request, timeout=self._timeout(timeout_s))
+        return Segmentation.from_proto(response)
+
+    def stream(
+        self,
+        frames: Iterable[Frame],
+        model: str,
+        *,
+        version: int = 0,
+        encodings: Choice | Sequence[Choice] = ("srle",),
+        output_size: Choice = "original",
+        include_pixel_counts: bool = False,
+        embed_palette: bool = False,
+        pixel_format: str = "rgb",
+        raise_errors: bool = False,
+        timeout_s: float | None = None,
+    ) -> Iterator[StreamResult]:
+        """Segments (frame_id, image) pairs over one SegmentStream; yields (frame_id, result).
+
+        Answers come in the order of the frames. A frame the server fails is yielded as a
+        FrameFailed (raised instead with `raise_errors`); a stream-level failure raises
+        SegserveError. A frame that cannot be sent (a bad array) ends the stream: the frames
+        before it are answered, then its ValueError is raised. `timeout_s` is the deadline of
+        the whole stream (None: none; the client's default timeout is for unary calls only).
+        Frames are read on a gRPC thread, as the server takes them.
+        """
+        options = SegmentOptions.create(
+            model,
+            version=version,
+            encodings=encodings,
+            output_size=output_size,
+            include_pixel_counts=include_pixel_counts,
+            embed_palette=embed_palette,
+            pixel_format=pixel_format,
+        )
+        feed = RequestFeed(frames, options)
+        return self._stream(feed, feed.requests(), raise_errors, timeout_s)
+
+    def _stream(
+        self,
+        feed: RequestFeed,
+        requests: Iterator[pb.SegmentStreamRequest],
+        raise_errors: bool,
+        timeout_s: float | None,
+    ) -> Iterator[StreamResult]:
+        call = self._stub.SegmentStream(requests, timeout=timeout_s)
+        try:
+            with rpc_errors():
+                for response in call:
+                    yield stream_result(response, raise_errors)
+        finally:
+            call.cancel()  # a no-op once the stream ended; stops it if the caller stopped early
+        feed.raise_error()
+
+    def list_models(self, *, timeout_s: float | None = None) -> list[ModelSummary]:
+        """The models of the server's repository, loaded or not, by name."""
+        with rpc_errors():
+            response = self._stub.ListModels(
+                pb.ListModelsRequest(), timeout=self._timeout(timeout_s)
+            )
+        return [ModelSummary.from_proto(m) for m in response.models]
+
+    def get_model(
+        self, name: str, version: int = 0, *, timeout_s: float | None = None
+    ) -> ModelInfo:
+        """One model version (0: the serving one): classes and colours, input size, batching."""
+        request = pb.GetModelRequest(name=name, version=version)
+        with rpc_errors():
+            response = self._stub.GetModel(request, timeout=self._timeout(timeout_s))
+        return ModelInfo.from_proto(response)
+
+    def wait_until_ready(self, timeout_s: float = 30.0, *, model: str | None = None) -> None:
+        """Blocks until the server answers (and `model`, if named, is READY).
+
+        Raises SegserveError: DEADLINE_EXCEEDED when `timeout_s` passes, NOT_FOUND for an unknown
+        model, UNAVAILABLE for one that failed to load.
+        """
+        wait = ReadinessWait(self.target, timeout_s, model)
+        while True:
+            answer: pb.ListModelsResponse | SegserveError
+            try:
+                with rpc_errors():
+                    answer = self._stub.ListModels(
+                        pb.ListModelsRequest(), timeout=wait.call_timeout(), wait_for_ready=True
+                    )
+            except SegserveError as exc:
+                answer = exc
+            delay = wait.next_delay(answer)
+            if delay is None:
+                return
+            time.sleep(delay)
+
+    def _timeout(self, timeout_s: float | None) -> float | None:
+        return self.timeout_s if timeout_s is None else timeout_s
+
+    def close(self) -> None:
+        """Closes the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> SegserveClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

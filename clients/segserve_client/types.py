@@ -1,0 +1,507 @@
+"""What a segserve client sends and gets back, shared by the sync and the asyncio client.
+
+The user-facing results are plain dataclasses (`Segmentation`, `ModelInfo`, `ModelSummary`) built
+from the protobuf answers here; the requests are built here too (`SegmentOptions`,
+`image_proto`), from encoded image bytes, a file path or a numpy array. Nothing in this module
+does I/O on a channel: `client.py` and `aio.py` only add the calls.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TypeAlias, TypeVar
+
+import grpc
+import numpy as np
+
+from segserve.v1 import segserve_pb2 as pb
+from segserve_client.errors import FrameFailed, SegserveError, status_code
+from segserve_client.masks import MaskDecodeError, decode_png, decode_srle
+
+ImageInput: TypeAlias = bytes | bytearray | memoryview | str | os.PathLike[str] | np.ndarray
+"""Encoded image bytes (JPEG, PNG, WebP, BMP), a path to such a file, or a uint8 array of pixels:
+(H, W, 3) RGB or BGR (see `pixel_format`), or (H, W) grey."""
+Choice: TypeAlias = str | int
+"""An enum value of the API given by its short name ("png") or its protobuf number."""
+Frame: TypeAlias = tuple[int, ImageInput]
+"""One frame of a stream: the caller's frame id and the image."""
+StreamResult: TypeAlias = tuple[int, "Segmentation | FrameFailed"]
+
+ENCODINGS: dict[str, pb.MaskEncoding] = {
+    "srle": pb.MASK_ENCODING_SRLE,
+    "png": pb.MASK_ENCODING_PNG,
+    "raw": pb.MASK_ENCODING_RAW,
+}
+OUTPUT_SIZES: dict[str, pb.OutputSize] = {
+    "original": pb.OUTPUT_SIZE_ORIGINAL,
+    "model": pb.OUTPUT_SIZE_MODEL,
+}
+PIXEL_FORMATS: dict[str, pb.PixelFormat] = {
+    "rgb": pb.PIXEL_FORMAT_RGB8,
+    "bgr": pb.PIXEL_FORMAT_BGR8,
+}
+_ENCODING_NAMES: dict[int, str] = {number: name for name, number in ENCODINGS.items()}
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """gRPC channel options of both clients: masks of large images exceed gRPC's 4 MiB default."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Requests
+# ----------------------------------------------------------------------------------------------
+
+
+_Enum = TypeVar("_Enum", bound=int)
+
+
+def _choice(value: Choice, table: dict[str, _Enum], what: str) -> _Enum:
+    if isinstance(value, str) and value.lower() in table:
+        return table[value.lower()]
+    if isinstance(value, int) and not isinstance(value, bool):
+        for number in table.values():
+            if number == value:
+                return number
+    raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(table)}")
+
+
+def raw_image(array: np.ndarray, pixel_format: str = "rgb") -> pb.RawImage:
+    """The RawImage of a (H, W, 3) RGB/BGR or (H, W) grey uint8 array."""
+    colour_format = _choice(pixel_format, PIXEL_FORMATS, "pixel format")
+    if array.dtype != np.uint8:
+        raise ValueError(
+            f"image arrays must be uint8 (0..255), got {array.dtype}; "
+            "scale and convert with .astype(np.uint8) first"
+        )
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        pixel_layout = pb.PIXEL_FORMAT_GRAY8
+    elif array.ndim == 3 and array.shape[2] == 3:
+        pixel_layout = colour_format
+    else:
+        raise ValueError(
+            f"image arrays must be (H, W, 3) colour or (H, W) grey, got shape {array.shape}"
+        )
+    height, width = array.shape[:2]
+    if height == 0 or width == 0:
+        raise ValueError(f"the image array is empty: shape {array.shape}")
+    return pb.RawImage(pixels=array.tobytes(), width=width, height=height, format=pixel_layout)
+
+
+def image_proto(image: ImageInput | pb.Image, pixel_format: str = "rgb") -> pb.Image:
+    """The Image message of encoded bytes, a file path or a pixel array (see ImageInput)."""
+    if isinstance(image, pb.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        return pb.Image(raw=raw_image(image, pixel_format))
+    if isinstance(image, str | os.PathLike):
+        data = Path(image).read_bytes()
+        if not data:
+            raise ValueError(f"the image file {os.fspath(image)!r} is empty")
+        return pb.Image(encoded=data)
+    if isinstance(image, bytes | bytearray | memoryview):
+        if not len(image):
+            raise ValueError("the encoded image is empty")
+        return pb.Image(encoded=bytes(image))
+    raise TypeError(
+        f"an image is encoded bytes, a file path or a numpy array, not {type(image).__name__}"
+    )
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """Everything of a SegmentRequest but the image: validated once, applied to each image."""
+
+    model: str
+    version: int
+    encodings: tuple[pb.MaskEncoding, ...]
+    output_size: pb.OutputSize
+    include_pixel_counts: bool
+    embed_palette: bool
+    pixel_format: str
+
+    @classmethod
+    def create(
+        cls,
+        model: str,
+        *,
+        version: int = 0,
+        encodings: Choice | Sequence[Choice] = ("srle",),
+        output_size: Choice = "original",
+        include_pixel_counts: bool = False,
+        embed_palette: bool = False,
+        pixel_format: str = "rgb",
+    ) -> SegmentOptions:
+        """Checks and normalises the options; raises ValueError naming the bad one."""
+        if not model:
+            raise ValueError("a model name is required")
+        if version < 0:
+            raise ValueError(f"a model version is >= 0 (0: the serving one), got {version}")
+        if isinstance(encodings, str | int):
+            encodings = (encodings,)
+        numbers = tuple(_choice(e, ENCODINGS, "mask encoding") for e in encodings)
+        if len(set(numbers)) != len(numbers):
+            raise ValueError(f"each encoding may be asked for once, got {list(encodings)}")
+        _choice(pixel_format, PIXEL_FORMATS, "pixel format")
+        return cls(
+            model=model,
+            version=version,
+            encodings=numbers,
+            output_size=_choice(output_size, OUTPUT_SIZES, "output size"),
+            include_pixel_counts=include_pixel_counts,
+            embed_palette=embed_palette,
+            pixel_format=pixel_format,
+        )
+
+    def request(self, image: ImageInput | pb.Image) -> pb.SegmentRequest:
+        """The SegmentRequest for one image."""
+        return pb.SegmentRequest(
+            model=self.model,
+            model_version=self.version,
+            image=image_proto(image, self.pixel_format),
+            encodings=self.encodings,
+            output_size=self.output_size,
+            include_pixel_counts=self.include_pixel_counts,
+            embed_palette=self.embed_palette,
+        )
+
+
+class RequestFeed:
+    """Turns (frame_id, image) pairs into SegmentStreamRequests and keeps a failure for later.
+
+    grpc reads a request iterator on its own thread (or task) and turns an exception raised there
+    into a bare CANCELLED. The feed instead ends the request stream, so every frame sent before
+    is still answered, and the client re-raises the exception (`raise_error`) after the last one.
+    """
+
+    def __init__(self, frames: Iterable[Frame] | AsyncIterable[Frame], options: SegmentOptions):
+        self._frames = frames
+        self._options = options
+        self.error: Exception | None = None
+
+    def _request(self, frame: Frame) -> pb.SegmentStreamRequest:
+        frame_id, image = frame
+        return pb.SegmentStreamRequest(frame_id=frame_id, request=self._options.request(image))
+
+    def requests(self) -> Iterator[pb.SegmentStreamRequest]:
+        """The requests, for the sync client (the frames must be a plain iterable)."""
+        frames = self._frames
+        if not isinstance(frames, Iterable):
+            raise TypeError("the sync client streams an iterable of frames, not an async one")
+        return self._requests(frames)
+
+    def _requests(self, frames: Iterable[Frame]) -> Iterator[pb.SegmentStreamRequest]:
+        try:
+            for frame in frames:
+                yield self._request(frame)
+        except Exception as exc:
+            self.error = exc
+
+    async def arequests(self) -> AsyncIterator[pb.SegmentStreamRequest]:
+        """The requests, for the asyncio client (the frames may be sync or async iterables)."""
+        try:
+            if isinstance(self._frames, AsyncIterable):
+                async for frame in self._frames:
+                    yield self._request(frame)
+            else:
+                for frame in self._frames:
+                    yield self._request(frame)
+        except Exception as exc:
+            self.error = exc
+
+    def raise_error(self) -> None:
+        """Raises the exception that ended the request stream, if one did."""
+        if self.error is not None:
+            raise self.error
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassPresence:
+    """A class found in a label map; `pixel_count` is 0 unless pixel counts were asked for."""
+
+    class_id: int
+    name: str
+    pixel_count: int
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    """Server-side time per stage in microseconds, and the size of the batch the image ran in."""
+
+    decode_us: int
+    preprocess_us: int
+    queue_us: int
+    infer_us: int
+    postprocess_us: int
+    encode_us: int
+    total_us: int
+    batch_size: int
+
+    @classmethod
+    def from_proto(cls, timings: pb.StageTimings) -> StageTimings:
+        return cls(
+            decode_us=timings.decode_us,
+            preprocess_us=timings.preprocess_us,
+            queue_us=timings.queue_us,
+            infer_us=timings.infer_us,
+            postprocess_us=timings.postprocess_us,
+            encode_us=timings.encode_us,
+            total_us=timings.total_us,
+            batch_size=timings.batch_size,
+        )
+
+
+def encoding_name(number: int) -> str:
+    """The short name ("srle", "png", "raw") of a MaskEncoding number."""
+    return _ENCODING_NAMES.get(number, f"encoding-{number}")
+
+
+def decode_mask(encoding: str, data: bytes, width: int, height: int) -> np.ndarray:
+    """Decodes one mask of a response into a (height, width) uint8 label map."""
+    if encoding == "srle":
+        labels = decode_srle(data)
+    elif encoding == "png":
+        labels = decode_png(data)[0]
+    elif encoding == "raw":
+        if len(data) != width * height:
+            raise MaskDecodeError(f"raw mask is {len(data)} bytes, not {width}x{height}")
+        labels = np.frombuffer(data, dtype=np.uint8).reshape(height, width)
+    else:
+        raise MaskDecodeError(f"cannot decode a mask of unknown encoding {encoding!r}")
+    if labels.shape != (height, width):
+        raise MaskDecodeError(
+            f"{encoding} mask is {labels.shape[1]}x{labels.shape[0]}, the response {width}x{height}"
+        )
+    return labels
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """The answer to one image: the label map in each requested encoding, and what is in it."""
+
+    width: int
+    height: int
+    model: str
+    model_version: int
+    classes: list[ClassPresence]
+    timings: StageTimings
+    masks: dict[str, bytes]
+    """Encoded masks by encoding name ("srle", "png", "raw"), in request order."""
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        """The (height, width) uint8 label map, decoded from the first mask (read-only)."""
+        if not self.masks:
+            raise MaskDecodeError("the response holds no mask")
+        encoding, data = next(iter(self.masks.items()))
+        labels = decode_mask(encoding, data, self.width, self.height)
+        labels.setflags(write=False)
+        return labels
+
+    @classmethod
+    def from_proto(cls, response: pb.SegmentResponse) -> Segmentation:
+        return cls(
+            width=response.width,
+            height=response.height,
+            model=response.model,
+            model_version=response.model_version,
+            classes=[ClassPresence(c.class_id, c.name, c.pixel_count) for c in response.classes],
+            timings=StageTimings.from_proto(response.timings),
+            masks={encoding_name(m.encoding): m.data for m in response.masks},
+        )
+
+
+def stream_result(response: pb.SegmentStreamResponse, raise_errors: bool = False) -> StreamResult:
+    """(frame_id, Segmentation or FrameFailed) of one stream answer; raises the failure if asked."""
+    kind = response.WhichOneof("result")
+    result: Segmentation | FrameFailed
+    if kind == "response":
+        result = Segmentation.from_proto(response.response)
+    elif kind == "error":
+        result = FrameFailed(
+            response.frame_id, status_code(response.error.code), response.error.message
+        )
+    else:
+        result = FrameFailed(
+            response.frame_id, grpc.StatusCode.UNKNOWN, "the server answered with neither result"
+        )
+    if raise_errors and isinstance(result, FrameFailed):
+        raise result
+    return response.frame_id, result
+
+
+def _state_name(number: int) -> str:
+    try:
+        return pb.ModelState.Name(number).removeprefix("MODEL_STATE_")
+    except ValueError:
+        return f"UNKNOWN_{number}"
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """One model of the server's repository, as ListModels lists it.
+
+    `state` is "READY", "LOADING", "FAILED", "UNLOADED" or "UNSPECIFIED".
+    """
+
+    name: str
+    versions: list[int]
+    serving_version: int
+    state: str
+    reason: str
+
+    @classmethod
+    def from_proto(cls, summary: pb.ModelSummary) -> ModelSummary:
+        return cls(
+            name=summary.name,
+            versions=list(summary.versions),
+            serving_version=summary.serving_version,
+            state=_state_name(summary.state),
+            reason=summary.reason,
+        )
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One class of a model: its id (the pixel value in label maps), name and display colour."""
+
+    id: int
+    name: str
+    color: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class BatchingInfo:
+    """A model's dynamic-batching settings."""
+
+    max_batch_size: int
+    preferred_batch_sizes: list[int]
+    max_queue_delay_us: int
+    max_queue_size: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model version as GetModel describes it (`state` as in ModelSummary)."""
+
+    name: str
+    version: int
+    state: str
+    reason: str
+    platform: str
+    backend: str
+    input_width: int
+    input_height: int
+    classes: list[ClassInfo]
+    batching: BatchingInfo
+    outputs_labels: bool
+    description: str
+
+    @property
+    def palette(self) -> list[tuple[int, int, int]]:
+        """The class colours indexed by class id (black for ids no class has)."""
+        colors = [(0, 0, 0)] * (max((c.id for c in self.classes), default=-1) + 1)
+        for c in self.classes:
+            colors[c.id] = c.color
+        return colors
+
+    @classmethod
+    def from_proto(cls, info: pb.ModelInfo) -> ModelInfo:
+        batching = info.batching
+        return cls(
+            name=info.name,
+            version=info.version,
+            state=_state_name(info.state),
+            reason=info.reason,
+            platform=info.platform,
+            backend=info.backend,
+            input_width=info.input_width,
+            input_height=info.input_height,
+            classes=[ClassInfo(c.id, c.name, (c.red, c.green, c.blue)) for c in info.classes],
+            batching=BatchingInfo(
+                max_batch_size=batching.max_batch_size,
+                preferred_batch_sizes=list(batching.preferred_batch_sizes),
+                max_queue_delay_us=batching.max_queue_delay_us,
+                max_queue_size=batching.max_queue_size,
+            ),
+            outputs_labels=info.outputs_labels,
+            description=info.description,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Waiting for readiness
+# ----------------------------------------------------------------------------------------------
+
+
+class ReadinessWait:
+    """The decisions of wait_until_ready, polling ListModels, for both clients.
+
+    Each poll is a ListModels call with wait_for_ready and the time left as deadline, so one call
+    covers waiting for the server to come up; the model (if one is named) is then polled until
+    READY. A FAILED or unknown model ends the wait at once.
+    """
+
+    POLL_INTERVAL_S = 0.2
+    _RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+    def __init__(self, target: str, timeout_s: float, model: str | None) -> None:
+        self._target = target
+        self._timeout_s = timeout_s
+        self._model = model
+        self._deadline = time.monotonic() + timeout_s
+        self._last = "no answer"
+
+    def call_timeout(self) -> float:
+        """The deadline of the next ListModels call: the time left."""
+        return max(self._deadline - time.monotonic(), 0.001)
+
+    def next_delay(self, answer: pb.ListModelsResponse | SegserveError) -> float | None:
+        """None when ready; else how long to sleep before polling again. Raises SegserveError
+        when the wait cannot succeed or its time is up."""
+        if isinstance(answer, SegserveError):
+            if answer.code not in self._RETRIED:
+                raise answer
+            self._last = str(answer)
+        elif self._model is None:
+            return None
+        else:
+            summary = next((m for m in answer.models if m.name == self._model), None)
+            if summary is None:
+                names = ", ".join(m.name for m in answer.models) or "none"
+                raise SegserveError(
+                    grpc.StatusCode.NOT_FOUND, f"no model {self._model!r} (models: {names})"
+                )
+            if summary.state == pb.MODEL_STATE_READY:
+                return None
+            if summary.state == pb.MODEL_STATE_FAILED:
+                raise SegserveError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"model {self._model!r} failed to load: {summary.reason}",
+                )
+            self._last = f"model {self._model!r} is {_state_name(summary.state)}"
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            what = f"model {self._model!r}" if self._model else "server"
+            raise SegserveError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"{what} at {self._target} not ready after {self._timeout_s:g} s ({self._last})",
+            )
+        return min(self.POLL_INTERVAL_S, left)
