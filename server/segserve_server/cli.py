@@ -1,4 +1,12 @@
-"""The `segserve` command: `segserve serve ...` (more subcommands join as they are built)."""
+"""The `segserve` command: `serve`, `eval`, and with the `train` extra (torch) `train`, `export`.
+
+    segserve serve  --model-repository model_repository       serve a repository over gRPC
+    segserve eval   DATASET --model M [--server H:P | --offline]   IoU / mIoU of a served model
+    segserve train  --model deeplabv3plus --out runs/x ...      train a CamVid model (torch)
+    segserve export --checkpoint runs/x/best.pt --name N ...    write a repository entry (torch)
+
+torch is imported only by `train` and `export`; `serve` and `eval` never load it.
+"""
 
 from __future__ import annotations
 
@@ -56,12 +64,59 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# Subcommands with their own parsers: everything after the name is handed to them unchanged.
+_DELEGATED = {
+    "train": "train a CamVid segmentation model (needs the train extra: torch)",
+    "export": "export a torch model into a model-repository entry (needs torch)",
+    "eval": "IoU / mIoU of a model on a labelled image folder, served or offline",
+}
+
+
+def _needs_torch(command: str) -> int:
+    print(
+        f"segserve {command}: needs torch, which serving does not: pip install 'segserve[train]'",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def _run_delegated(command: str, argv: list[str]) -> int:
+    prog = f"segserve {command}"
+    if command == "eval":
+        from segserve_server import evaluate
+
+        return evaluate.main(argv, prog=prog)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return _needs_torch(command)
+    if command == "export":
+        from segserve_server.training import export
+
+        return export.main(argv, prog=prog)
+    from segserve_server.training import train
+
+    saved = sys.argv[0]
+    sys.argv[0] = prog  # train's parser names itself after argv[0]
+    try:
+        return train.main(argv)
+    finally:
+        sys.argv[0] = saved
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="segserve", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="segserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"segserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
-    args = parser.parse_args(argv)
+    for command, summary in _DELEGATED.items():
+        sub.add_parser(command, help=summary, add_help=False)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments and arguments[0] in _DELEGATED:
+        return _run_delegated(arguments[0], arguments[1:])
+    args = parser.parse_args(arguments)
     if args.command == "serve":
         return _run_serve(args)
     parser.error(f"unknown command {args.command}")

@@ -1,0 +1,535 @@
+"""`segserve eval`: per-class IoU, mIoU and pixel accuracy of a served model on a labelled folder.
+
+    segserve eval ../shared/data/camvid/val --model deeplabv3plus_camvid --server localhost:50051
+    segserve eval ../shared/data/camvid/val --model deeplabv3plus_camvid --offline \\
+        --model-repository model_repository
+
+The data set is a folder of images and a folder of label PNGs with the same file names (a label
+may also be `<stem>.png` for a JPEG image), each label pixel a class id; ids >= the model's class
+count are ignored (CamVid's void is 11). DATASET is either the image folder itself, whose labels
+are `--labels-dir` or, by default, the sibling `<folder>annot` (CamVid: val + valannot), or a root
+holding `--images-dir` and `--labels-dir` (default val and valannot).
+
+Through a server, every image goes as its file bytes, unchanged, through the client library
+(a few requests in flight); the mask comes back at the image's size. `--offline` computes the
+same in-process with ONNX Runtime and the server's own code: imaging.decode,
+preprocess.Preprocessor, the server's ONNX Runtime backend built from the model's config.pbtxt,
+postprocess.to_label_map and resize_labels. The two must agree (serving parity). torch is not
+needed for either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+DEFAULT_SERVER = "localhost:50051"
+
+
+class EvalError(Exception):
+    """The evaluation cannot run or had to stop; the message says why."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes, num_classes) int64 counts, rows = ground truth, columns = prediction.
+
+    Label pixels >= num_classes (void) are skipped; predictions are class ids < num_classes.
+    """
+    if pred.shape != label.shape:
+        raise ValueError(f"prediction {pred.shape} and label {label.shape} differ in size")
+    valid = label < num_classes
+    index = label[valid].astype(np.int64) * num_classes + pred[valid].astype(np.int64)
+    counts = np.bincount(index, minlength=num_classes * num_classes)
+    if counts.size != num_classes * num_classes:
+        raise ValueError(f"prediction holds a class id >= {num_classes}")
+    return counts.reshape(num_classes, num_classes)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What a confusion matrix says; NaN IoU for a class absent from labels and predictions."""
+
+    iou: np.ndarray  # per class
+    miou: float  # mean over classes with a defined IoU
+    pixel_accuracy: float  # correctly labelled / labelled (non-void) pixels
+    mean_class_accuracy: float  # recall averaged over classes present in the labels
+
+    @classmethod
+    def from_confusion(cls, conf: np.ndarray) -> Scores:
+        conf = conf.astype(np.float64)
+        tp = np.diag(conf)
+        truth, predicted = conf.sum(axis=1), conf.sum(axis=0)
+        union = truth + predicted - tp
+        with np.errstate(invalid="ignore", divide="ignore"):
+            iou = np.where(union > 0, tp / union, np.nan)
+            recall = np.where(truth > 0, tp / truth, np.nan)
+        total = conf.sum()
+        defined = ~np.isnan(iou)
+        return cls(
+            iou=iou,
+            miou=float(iou[defined].mean()) if defined.any() else math.nan,
+            pixel_accuracy=float(tp.sum() / total) if total else math.nan,
+            mean_class_accuracy=float(np.nanmean(recall)) if (truth > 0).any() else math.nan,
+        )
+
+
+@dataclass
+class EvalResult:
+    model: str
+    model_version: int
+    mode: str  # "server" or "offline"
+    source: str  # server address or model repository
+    class_names: list[str]
+    confusion: np.ndarray
+    frames: int
+    ignored_pixels: int
+    seconds: float
+
+    @property
+    def scores(self) -> Scores:
+        return Scores.from_confusion(self.confusion)
+
+    def to_json(self, images: Path | None = None, labels: Path | None = None) -> dict[str, Any]:
+        s = self.scores
+
+        def number(v: float) -> float | None:
+            return None if math.isnan(v) else round(float(v), 6)
+
+        return {
+            "model": self.model,
+            "model_version": self.model_version,
+            "mode": self.mode,
+            "source": self.source,
+            "images": str(images) if images else None,
+            "labels": str(labels) if labels else None,
+            "frames": self.frames,
+            "num_classes": len(self.class_names),
+            "class_names": self.class_names,
+            "iou": {n: number(v) for n, v in zip(self.class_names, s.iou, strict=True)},
+            "miou": number(s.miou),
+            "pixel_accuracy": number(s.pixel_accuracy),
+            "mean_class_accuracy": number(s.mean_class_accuracy),
+            "labelled_pixels": int(self.confusion.sum()),
+            "ignored_pixels": self.ignored_pixels,
+            "confusion_matrix": self.confusion.tolist(),
+            "seconds": round(self.seconds, 3),
+        }
+
+    def report(self) -> str:
+        s = self.scores
+        width = max([len(n) for n in self.class_names] + [5])
+        lines = [
+            f"{self.model} version {self.model_version} ({self.mode}: {self.source}), "
+            f"{self.frames} frames in {self.seconds:.1f} s",
+            f"{'class':<{width}}  IoU",
+        ]
+        for name, value in zip(self.class_names, s.iou, strict=True):
+            shown = "  n/a (absent)" if math.isnan(value) else f"{value:7.4f}"
+            lines.append(f"{name:<{width}}  {shown}")
+        lines += [
+            f"{'mIoU':<{width}}  {s.miou:7.4f}",
+            f"pixel accuracy {s.pixel_accuracy:.4f}, mean class accuracy "
+            f"{s.mean_class_accuracy:.4f} ({int(self.confusion.sum())} labelled pixels, "
+            f"{self.ignored_pixels} void/ignored)",
+        ]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The data set
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Path
+    label: Path
+
+
+def _has_images(folder: Path) -> bool:
+    return folder.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
+
+
+def _relative(root: Path, given: str) -> Path:
+    path = Path(given)
+    if path.is_absolute():
+        return path
+    for candidate in (root / path, root.parent / path, path):
+        if candidate.is_dir():
+            return candidate
+    return root / path
+
+
+def resolve_dataset(
+    dataset: str | Path, images_dir: str | None = None, labels_dir: str | None = None
+) -> tuple[Path, Path]:
+    """(image folder, label folder) of DATASET; see the module docstring for the rules."""
+    root = Path(dataset)
+    if not root.is_dir():
+        raise EvalError(f"data set {str(root)!r} is not a folder")
+    if images_dir is not None:
+        images = _relative(root, images_dir)
+    elif _has_images(root):
+        images = root
+    elif (root / "val").is_dir():
+        images = root / "val"
+    else:
+        raise EvalError(
+            f"{root} holds no images and no val/ folder; point DATASET at the image folder "
+            "or give --images-dir"
+        )
+    if labels_dir is not None:
+        labels = _relative(root, labels_dir)
+    else:
+        labels = images.parent / f"{images.name}annot"
+    if not images.is_dir():
+        raise EvalError(f"image folder {images} does not exist")
+    if not labels.is_dir():
+        raise EvalError(
+            f"label folder {labels} does not exist; give --labels-dir (labels are PNGs of "
+            "class ids with the images' file names)"
+        )
+    return images, labels
+
+
+def list_samples(images: Path, labels: Path, limit: int = 0) -> list[Sample]:
+    """Image/label pairs by file name, sorted; every image must have its label."""
+    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise EvalError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {images}")
+    samples, missing = [], []
+    for image in files:
+        label = labels / image.name
+        if not label.is_file():
+            label = labels / f"{image.stem}.png"
+        if label.is_file():
+            samples.append(Sample(image, label))
+        else:
+            missing.append(image.name)
+    if missing:
+        raise EvalError(
+            f"{len(missing)} of {len(files)} images have no label in {labels} (first: {missing[0]})"
+        )
+    return samples[:limit] if limit > 0 else samples
+
+
+def read_label(path: Path) -> np.ndarray:
+    """A (H, W) uint8 map of class ids."""
+    label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if label is None:
+        raise EvalError(f"label {path} does not decode as an image")
+    if label.ndim != 2 or label.dtype != np.uint8:
+        raise EvalError(
+            f"label {path} is {label.dtype} with shape {label.shape}; labels are 8-bit "
+            "single-channel maps of class ids (not colour-coded)"
+        )
+    return label
+
+
+class _Accumulator:
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self.ignored = 0
+        self.frames = 0
+
+    def add(self, sample: Sample, pred: np.ndarray, label: np.ndarray) -> None:
+        if pred.shape != label.shape:
+            raise EvalError(
+                f"{sample.image.name}: mask is {pred.shape[1]}x{pred.shape[0]} but its label "
+                f"{sample.label.name} is {label.shape[1]}x{label.shape[0]}"
+            )
+        self.confusion += confusion_matrix(pred, label, self.num_classes)
+        self.ignored += int((label >= self.num_classes).sum())
+        self.frames += 1
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="frame", disable=not enabled, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Through a server
+# ----------------------------------------------------------------------------------------------
+
+
+async def evaluate_server(
+    samples: Sequence[Sample],
+    model: str,
+    target: str = DEFAULT_SERVER,
+    *,
+    version: int = 0,
+    concurrency: int = 4,
+    timeout_s: float = 60.0,
+    progress: bool = False,
+) -> EvalResult:
+    """Sends every image's file bytes to the server at `target` and scores the masks."""
+    from segserve_client import AsyncSegserveClient, SegserveError
+
+    started = time.perf_counter()
+    async with AsyncSegserveClient(target, timeout_s=timeout_s) as client:
+        try:
+            info = await client.get_model(model, version)
+        except SegserveError as exc:
+            raise EvalError(f"server {target}: model {model!r}: {exc}") from exc
+        if info.state != "READY":
+            raise EvalError(f"server {target}: model {model!r} is {info.state}: {info.reason}")
+        names = [c.name for c in sorted(info.classes, key=lambda c: c.id)]
+        acc = _Accumulator(len(names))
+        pending = iter(samples)
+        versions: set[int] = set()
+        bar = _progress(len(samples), f"{model} @ {target}", progress)
+
+        async def worker() -> None:
+            for sample in pending:  # shared iterator: each sample goes to one worker
+                data = await asyncio.to_thread(sample.image.read_bytes)
+                try:
+                    result = await client.segment(data, model, version=version)
+                except SegserveError as exc:
+                    raise EvalError(f"{sample.image}: the server answered {exc}") from exc
+                label = await asyncio.to_thread(read_label, sample.label)
+                acc.add(sample, np.asarray(result.labels), label)
+                versions.add(result.model_version)
+                bar.update(1)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(max(1, min(concurrency, len(samples)))):
+                    group.create_task(worker())
+        except ExceptionGroup as group_error:
+            raise group_error.exceptions[0] from None
+        finally:
+            bar.close()
+    if len(versions) > 1:
+        raise EvalError(f"model versions {sorted(versions)} answered during the evaluation")
+    return EvalResult(
+        model=model,
+        model_version=versions.pop() if versions else info.version,
+        mode="server",
+        source=target,
+        class_names=names,
+        confusion=acc.confusion,
+        frames=acc.frames,
+        ignored_pixels=acc.ignored,
+        seconds=time.perf_counter() - started,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Offline: the server's own stages, in-process
+# ----------------------------------------------------------------------------------------------
+
+
+class OfflineModel:
+    """One model version of a repository, run the way the server runs it, without a server."""
+
+    def __init__(
+        self, repository: str | Path, model: str, version: int = 0, threads: int = 0
+    ) -> None:
+        from segserve_server import imaging
+        from segserve_server.backends.onnxruntime import OnnxRuntimeBackend
+        from segserve_server.errors import ModelConfigError
+        from segserve_server.model_repository import scan_repository
+        from segserve_server.preprocess import Preprocessor
+        from segserve_server.settings import load_settings
+
+        repository = Path(repository)
+        if not repository.is_dir():
+            raise EvalError(f"model repository {str(repository)!r} is not a folder")
+        entries = {e.name: e for e in scan_repository(repository)}
+        entry = entries.get(model)
+        if entry is None:
+            raise EvalError(
+                f"model {model!r} is not in {repository} (models: {', '.join(sorted(entries))})"
+            )
+        if entry.config is None or entry.error:
+            raise EvalError(f"model {model!r} is invalid: {entry.error}")
+        loadable = entry.versions_to_load
+        if version == 0:
+            if not loadable:
+                raise EvalError(f"model {model!r}: no version selected by its version_policy")
+            version = max(loadable)
+        elif version not in entry.versions:
+            raise EvalError(f"model {model!r} has no version {version} ({sorted(entry.versions)})")
+        if entry.config.platform not in ("onnxruntime_onnx", "onnxruntime"):
+            raise EvalError(
+                f"model {model!r} is a {entry.config.platform!r} model; --offline runs ONNX models"
+            )
+        # The server's defaults, from the same settings (SEGSERVE_* variables apply as well),
+        # and the server's own ONNX Runtime backend (session options, providers, signature check).
+        self.settings = load_settings(
+            None, model_repository=repository, ort_intra_op_threads=threads
+        )
+        model_path = entry.versions[version] / entry.config.model_filename
+        try:
+            self.backend = OnnxRuntimeBackend(entry.config, model_path, self.settings)
+        except ModelConfigError as exc:
+            raise EvalError(f"model {model!r} version {version} does not load: {exc}") from exc
+        self.config = entry.config
+        self.version = version
+        self.preprocess = Preprocessor(entry.config)
+        self.limits = imaging.ImageLimits(
+            self.settings.max_image_pixels, self.settings.max_image_side
+        )
+
+    def segment(self, data: bytes) -> np.ndarray:
+        """The label map the server would send for these image bytes (ORIGINAL output size)."""
+        from segserve_server import imaging, postprocess
+
+        config = self.config
+        min_size = (
+            (config.input_width, config.input_height) if self.settings.jpeg_dct_scaling else None
+        )
+        decoded = imaging.decode(
+            data,
+            self.limits,
+            order="BGR" if config.channel_order == "BGR" else "RGB",
+            min_size=min_size,
+        )
+        output = self.backend.infer(self.preprocess(decoded)[np.newaxis])[0]
+        labels = postprocess.to_label_map(output, config)
+        return postprocess.resize_labels(labels, decoded.original_width, decoded.original_height)
+
+
+def evaluate_offline(
+    samples: Sequence[Sample],
+    model: str,
+    repository: str | Path = "model_repository",
+    *,
+    version: int = 0,
+    threads: int = 0,
+    progress: bool = False,
+) -> EvalResult:
+    """Scores the model of `repository` in-process, through the server's stages."""
+    from segserve_server.errors import SegserveError
+
+    started = time.perf_counter()
+    runner = OfflineModel(repository, model, version, threads)
+    names = [c.name for c in runner.config.classes]
+    acc = _Accumulator(len(names))
+    with _progress(len(samples), f"{model} offline", progress) as bar:
+        for sample in samples:
+            try:
+                pred = runner.segment(sample.image.read_bytes())
+            except SegserveError as exc:
+                raise EvalError(f"{sample.image}: {exc}") from exc
+            acc.add(sample, pred, read_label(sample.label))
+            bar.update(1)
+    runner.backend.close()
+    return EvalResult(
+        model=model,
+        model_version=runner.version,
+        mode="offline",
+        source=str(repository),
+        class_names=names,
+        confusion=acc.confusion,
+        frames=acc.frames,
+        ignored_pixels=acc.ignored,
+        seconds=time.perf_counter() - started,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser(prog: str = "segserve eval") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Per-class IoU, mIoU and pixel accuracy of a model on a labelled image folder, "
+        "through a running segserve server or (--offline) in-process with the server's own code.",
+        epilog="DATASET: the image folder (labels in --labels-dir, default the sibling "
+        "<folder>annot, as CamVid's val/valannot) or a root holding --images-dir and "
+        "--labels-dir (default val, valannot). Label pixels >= the model's class count are "
+        "ignored (CamVid void = 11).",
+    )
+    p.add_argument("dataset", metavar="DATASET", help="image folder, or a data set root")
+    p.add_argument("--model", required=True, help="model name")
+    p.add_argument("--model-version", type=int, default=0, help="0: the serving one (default)")
+    p.add_argument("--server", default=DEFAULT_SERVER, help=f"HOST:PORT (default {DEFAULT_SERVER})")
+    p.add_argument(
+        "--offline", action="store_true", help="no server: ONNX Runtime in-process, same stages"
+    )
+    p.add_argument(
+        "--model-repository",
+        type=Path,
+        default=Path("model_repository"),
+        help="repository of --offline (default model_repository)",
+    )
+    p.add_argument("--images-dir", help="image folder, relative to DATASET")
+    p.add_argument("--labels-dir", help="label folder, relative to DATASET (or absolute)")
+    p.add_argument("--limit", type=int, default=0, help="first N frames only (by file name)")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight (server)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (offline; 0: auto)")
+    p.add_argument("--timeout-s", type=float, default=60.0, help="per request (server)")
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="also write the numbers as JSON to FILE (no FILE or -: standard output)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args: argparse.Namespace, samples: Sequence[Sample]) -> EvalResult:
+    if args.offline:
+        return evaluate_offline(
+            samples,
+            args.model,
+            args.model_repository,
+            version=args.model_version,
+            threads=args.threads,
+            progress=not args.no_progress,
+        )
+    return asyncio.run(
+        evaluate_server(
+            samples,
+            args.model,
+            args.server,
+            version=args.model_version,
+            concurrency=args.concurrency,
+            timeout_s=args.timeout_s,
+            progress=not args.no_progress,
+        )
+    )
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "segserve eval") -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        images, labels = resolve_dataset(args.dataset, args.images_dir, args.labels_dir)
+        result = run(args, list_samples(images, labels, args.limit))
+    except EvalError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json == "-":
+        json.dump(result.to_json(images, labels), sys.stdout, indent=2)
+        print()
+        print(result.report(), file=sys.stderr)
+    else:
+        print(result.report())
+        if args.json:
+            Path(args.json).write_text(json.dumps(result.to_json(images, labels), indent=2) + "\n")
+    return 0
