@@ -1,4 +1,5 @@
-# segserve on the CPU: the server, its bundled model repository, gRPC on 50051, metrics on 9464.
+# segserve on the CPU: the server, its bundled model repository, gRPC on 50051, the KServe v2 /
+# Triton protocol on 8001, metrics on 9464.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -19,7 +20,7 @@ RUN pip install --no-cache-dir '.[server]' \
 COPY model_repository/ /models/
 
 USER 10001
-EXPOSE 50051 9464
+EXPOSE 50051 8001 9464
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s \
     CMD ["python", "-c", "import grpc, sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; s = g.HealthStub(grpc.insecure_channel('localhost:50051')).Check(h.HealthCheckRequest(), timeout=2).status; sys.exit(0 if s == h.HealthCheckResponse.SERVING else 1)"]
 # SIGTERM drains: accepted requests are answered before the process exits.

@@ -4,8 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 50051
 METRICS_PORT ?= 9464
+# The Triton side of the Triton tests (a real tritonserver, numpy < 2): a venv of its own.
+TRITON_VENV ?= .venv-triton
 
-.PHONY: serve test lint install clean
+.PHONY: serve test lint install clean triton-env
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +26,16 @@ lint: $(BIN)/.installed
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 
+$(TRITON_VENV)/.installed: tools/triton/requirements.txt tools/triton/setup_env.sh
+	bash tools/triton/setup_env.sh $(TRITON_VENV) $(PYTHON)
+
+triton-env: $(TRITON_VENV)/.installed
+
+# Without the Triton venv (no registry, say) the Triton tests skip and name the reason, which
+# setup_env.sh leaves in $(TRITON_VENV).error; everything else still runs.
 test: lint
+	@$(MAKE) --no-print-directory triton-env || echo "Triton venv not created (see $(TRITON_VENV).error): the Triton tests will skip"
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TRITON_VENV) $(TRITON_VENV).error $(TRITON_VENV).pip.log *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -18,6 +19,10 @@ from segserve_server.synthetic_models import write_entry
 
 ROOT = Path(__file__).resolve().parent.parent
 CAMVID = Path(os.environ.get("SEGSERVE_CAMVID", ROOT.parent / "shared" / "data" / "camvid"))
+
+# Test servers (in-process and `segserve serve` subprocesses) pick a free KServe port rather than
+# Triton's fixed 8001.
+os.environ.setdefault("SEGSERVE_KSERVE_PORT", "0")
 
 # Model input sizes of the test repository.
 H, W = 48, 64
@@ -134,3 +139,59 @@ def camvid_frame() -> Iterator[bytes]:
     if not frames:
         pytest.skip(f"CamVid not found at {CAMVID}")
     yield frames[0].read_bytes()
+
+
+# Real tritonserver processes (tests/test_triton_*.py): the binary nvidia-pytriton bundles, from
+# the Triton venv that `make triton-env` creates. Without it those tests skip and say why.
+TRITON_VENV = Path(os.environ.get("SEGSERVE_TRITON_VENV", ROOT / ".venv-triton"))
+TRITON_MODELS = ("colour", "colour_logits", "colour_busy", "synthetic_colour_classes")
+
+
+def build_triton_source_repository(root: Path) -> Path:
+    """The models the test Triton servers serve, as segserve has them (ONNX, config.pbtxt)."""
+    write_entry(root, "colour", H, W, max_batch_size=8, max_queue_delay_us=2000)
+    write_entry(root, "colour_logits", H, W, output="logits", max_batch_size=8)
+    write_entry(root, "colour_busy", 256, 256, busy_layers=24, max_batch_size=2)
+    shutil.copytree(
+        ROOT / "model_repository" / "synthetic_colour_classes", root / "synthetic_colour_classes"
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def triton_install():
+    from segserve_server.triton.local import TritonInstall, TritonUnavailable
+
+    try:
+        return TritonInstall.find(TRITON_VENV)
+    except TritonUnavailable as exc:
+        error = TRITON_VENV.with_name(TRITON_VENV.name + ".error")
+        why = f" ({error.read_text().strip()})" if error.is_file() else ""
+        pytest.skip(f"no real Triton server: {exc}{why}")
+
+
+@pytest.fixture(scope="session")
+def triton_servers(triton_install, tmp_path_factory: pytest.TempPathFactory):
+    """Two tritonserver processes on loopback serving TRITON_MODELS through the Python backend.
+
+    A test may kill one; it must start it again (same port) before it ends.
+    """
+    from segserve_server.triton.local import TritonProcess, write_python_backend_repository
+
+    source = build_triton_source_repository(tmp_path_factory.mktemp("triton-source"))
+    repository = tmp_path_factory.mktemp("triton-repository")
+    write_python_backend_repository(source, repository)
+    logs = tmp_path_factory.mktemp("triton-logs")
+    servers = [
+        TritonProcess(triton_install, repository, log_path=logs / f"triton-{i}.log")
+        for i in range(2)
+    ]
+    try:
+        for triton in servers:
+            triton.start()
+        for triton in servers:
+            triton.wait_ready(90)
+        yield servers
+    finally:
+        for triton in servers:
+            triton.kill()  # graceful stops take 4-6 s each; nothing is left to answer here

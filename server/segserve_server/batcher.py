@@ -7,6 +7,8 @@ Invariants (each tested in tests/test_batcher.py):
 - a batch that fails is retried request by request, so one bad input fails only itself;
 - a batch's output must have one entry per input, or every request in it fails with INTERNAL;
 - the batch body cannot leave a request hanging: whatever happens, its futures are resolved.
+Synchronous backends run in the batcher's threads; asynchronous ones (remote Triton servers) are
+awaited on the loop, and their errors keep their status (UNAVAILABLE when no server is left).
 Loop-bound objects (queue wake-up event, semaphore, task) are created in start().
 """
 
@@ -76,6 +78,13 @@ def plan_batch(queued: int, oldest_wait_s: float, config: BatchingConfig) -> tup
     if oldest_wait_s >= delay_s:
         return min(queued, full), 0.0
     return 0, delay_s - oldest_wait_s
+
+
+def _stack(tensors: list[np.ndarray]) -> np.ndarray:
+    """The batch of `tensors`; a batch of one contiguous tensor is a view, not a copy."""
+    if len(tensors) == 1 and tensors[0].flags.c_contiguous:
+        return tensors[0][np.newaxis]
+    return np.stack(tensors)
 
 
 def _resolve(future: asyncio.Future[BatchOutcome], outcome: BatchOutcome) -> None:
@@ -171,7 +180,7 @@ class Batcher:
             self._queue.clear()
         finally:
             self._executor.shutdown(wait=False, cancel_futures=True)
-            self._backend.close()
+            await self._backend.aclose()
 
     def _drop_dead(self) -> None:
         """Removes requests whose caller went away or whose deadline has passed."""
@@ -247,8 +256,12 @@ class Batcher:
         if not batch:
             return
         started = time.monotonic()
-        loop = asyncio.get_running_loop()
-        outputs = await loop.run_in_executor(self._executor, self._infer, [p.tensor for p in batch])
+        tensors = [p.tensor for p in batch]
+        if self._backend.is_async:
+            outputs = await self._infer_async(tensors)
+        else:
+            loop = asyncio.get_running_loop()
+            outputs = await loop.run_in_executor(self._executor, self._infer, tensors)
         infer_s = time.monotonic() - started
         if self._on_batch is not None:
             self._on_batch(len(batch), infer_s)
@@ -261,13 +274,28 @@ class Batcher:
     def _infer(self, tensors: list[np.ndarray]) -> np.ndarray:
         """Runs in the model's executor: stacks the inputs, runs the backend, checks the size."""
         try:
-            outputs = self._backend.infer(np.stack(tensors))
+            outputs = self._backend.infer(_stack(tensors))
         except Exception as exc:
             raise InferenceFailed(
                 f"model {self._name} failed on a batch of {len(tensors)}: {exc}"
             ) from exc
-        if outputs.shape[:1] != (len(tensors),):
+        return self._checked(outputs, len(tensors))
+
+    async def _infer_async(self, tensors: list[np.ndarray]) -> np.ndarray:
+        """An asynchronous backend's batch, on the loop; its SegserveErrors keep their code."""
+        try:
+            outputs = await self._backend.infer_async(np.stack(tensors))
+        except SegserveError:
+            raise
+        except Exception as exc:
             raise InferenceFailed(
-                f"model {self._name} returned {outputs.shape[:1]} outputs for {len(tensors)} inputs"
+                f"model {self._name} failed on a batch of {len(tensors)}: {exc}"
+            ) from exc
+        return self._checked(outputs, len(tensors))
+
+    def _checked(self, outputs: np.ndarray, count: int) -> np.ndarray:
+        if outputs.shape[:1] != (count,):
+            raise InferenceFailed(
+                f"model {self._name} returned {outputs.shape[:1]} outputs for {count} inputs"
             )
         return outputs

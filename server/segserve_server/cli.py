@@ -41,6 +41,17 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ort-intra-op-threads", type=int, help="ONNX Runtime threads (0: auto)")
     p.add_argument("--drain-timeout-s", type=float, help="grace period on SIGTERM")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument(
+        "--kserve-port", type=int, help="KServe v2 / Triton gRPC port (default 8001; 0 picks one)"
+    )
+    p.add_argument(
+        "--triton-url",
+        dest="triton_urls",
+        action="append",
+        metavar="HOST:PORT",
+        help="a Triton server for models on the Triton backend (repeatable)",
+    )
+    p.add_argument("--default-backend", choices=["onnxruntime", "triton"])
 
 
 def _run_serve(args: argparse.Namespace) -> int:

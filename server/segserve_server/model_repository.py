@@ -8,6 +8,13 @@ class names in the output's `label_filename`, everything else in `parameters` un
     segserve.channel_order        "RGB" (default) or "BGR": the channel order the model expects
     segserve.colors               "128,128,128;128,0,0;...": one R,G,B per class, by class id
     segserve.description          free text
+
+Where the model runs (read by segserve_server.backends; see backends/triton.py for details):
+
+    segserve.backend              "onnxruntime" (in-process) or "triton" (remote Triton servers)
+    segserve.triton_urls          "host:port,host:port": the model's Triton servers
+    segserve.triton_model         its name on those servers, if not its own
+    segserve.triton_model_version a version number or "latest"; default: the same version
 """
 
 from __future__ import annotations

@@ -30,6 +30,21 @@ class ModelState(enum.Enum):
     UNLOADED = "UNLOADED"
 
 
+@dataclass
+class BatchStats:
+    """Batches a model version ran, by size (Triton's execution_count and batch_stats)."""
+
+    executions: int = 0
+    inferences: int = 0
+    by_size: dict[int, tuple[int, float]] = field(default_factory=dict)  # size: (count, seconds)
+
+    def record(self, size: int, seconds: float) -> None:
+        self.executions += 1
+        self.inferences += size
+        count, total_s = self.by_size.get(size, (0, 0.0))
+        self.by_size[size] = (count + 1, total_s + seconds)
+
+
 @dataclass(eq=False)
 class ModelVersion:
     """One version of a model and, once READY, what serves it."""
@@ -42,6 +57,7 @@ class ModelVersion:
     backend: Backend | None = None
     batcher: Batcher | None = None
     preprocessor: Preprocessor | None = None
+    batch_stats: BatchStats = field(default_factory=BatchStats)
 
 
 @dataclass(eq=False)
@@ -105,6 +121,7 @@ class ModelManager:
             backend = await asyncio.to_thread(
                 create_backend, config, model.entry.versions[loaded.version], self._settings
             )
+            await backend.start()
         except ModelConfigError as exc:
             loaded.state, loaded.reason = ModelState.FAILED, str(exc)
             log.error("model %s version %d failed to load: %s", model.name, loaded.version, exc)
@@ -112,16 +129,18 @@ class ModelManager:
             return
         batch_size = self._metrics.batch_size.labels(model.name)
         batch_latency = self._metrics.batch_latency.labels(model.name)
+        stats = loaded.batch_stats
 
         def on_batch(size: int, seconds: float) -> None:
             batch_size.observe(size)
             batch_latency.observe(seconds)
+            stats.record(size, seconds)
 
         batcher = Batcher(
             backend,
             config.batching,
             name=f"{model.name}:{loaded.version}",
-            instances=config.instance_count,
+            instances=backend.max_concurrent_batches or config.instance_count,
             on_batch=on_batch,
         )
         await batcher.start()

@@ -1,4 +1,5 @@
-"""The segserve process: grpc.aio server with segserve.v1, health, reflection, metrics and drain.
+"""The segserve process: grpc.aio server with segserve.v1, health, reflection, metrics and drain,
+and a second grpc.aio server on `kserve_port` speaking the KServe v2 / Triton protocol.
 
 Drain (SIGTERM/SIGINT or Server.stop): health turns NOT_SERVING, streams stop reading frames,
 new calls are refused, every accepted request is answered (up to drain_timeout_s), then the
@@ -22,6 +23,9 @@ from segserve_server.core import SegmentationCore
 from segserve_server.grpc_service import SegmentationServicer, segmentation_handler
 from segserve_server.models import ModelState
 from segserve_server.settings import Settings
+from segserve_server.triton.kserve_service import SERVICE_NAME as KSERVE_SERVICE
+from segserve_server.triton.kserve_service import KServeServicer, kserve_handler
+from segserve_server.triton.tensor_api import TensorAPI
 
 log = logging.getLogger(__name__)
 
@@ -31,27 +35,29 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class Server:
-    """One segserve server. `await start()`, then `port` / `metrics_port`; `await stop()`."""
+    """One segserve server. `await start()`, then `port` / `kserve_port` / `metrics_port`;
+    `await stop()`."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.core = SegmentationCore(settings)
         self.port = 0
+        self.kserve_port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_server: WSGIServer | None = None
+        self._kserve: grpc.aio.Server | None = None
 
     async def start(self) -> None:
         s = self.settings
         self._draining = asyncio.Event()
         self._stopped = asyncio.Event()
         await self.core.start()
-        self._grpc = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", s.max_receive_message_bytes),
-                ("grpc.max_send_message_length", s.max_send_message_bytes),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
+        options = [
+            ("grpc.max_receive_message_length", s.max_receive_message_bytes),
+            ("grpc.max_send_message_length", s.max_send_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self._grpc = grpc.aio.server(options=options)
         servicer = SegmentationServicer(self.core, max_inflight_frames=s.stream_max_inflight_frames)
         servicer.draining = self._draining
         self._grpc.add_generic_rpc_handlers((segmentation_handler(servicer),))
@@ -65,11 +71,13 @@ class Server:
             ),
             self._grpc,
         )
-        address = f"{s.host}:{s.port}" if ":" not in s.host else f"[{s.host}]:{s.port}"
-        self.port = self._grpc.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot bind gRPC port {address}")
+        self.port = _bind(self._grpc, s.host, s.port)
+        if s.kserve_port is not None:
+            self._kserve = self._kserve_server(options)
+            self.kserve_port = _bind(self._kserve, s.host, s.kserve_port)
         await self._grpc.start()
+        if self._kserve is not None:
+            await self._kserve.start()
         await self._set_health()
         if s.metrics_port is not None:
             self._metrics_server = self.core.metrics.serve(s.host, s.metrics_port)
@@ -82,6 +90,30 @@ class Server:
             self.metrics_port,
             ", ".join(ready) or "none",
         )
+        if self.kserve_port is not None:
+            log.info("KServe v2 / Triton protocol on %s:%d", s.host, self.kserve_port)
+
+    def _kserve_server(self, options: list[tuple[str, int]]) -> grpc.aio.Server:
+        """inference.GRPCInferenceService, with health and reflection, as Triton's port has."""
+        server = grpc.aio.server(options=options)
+        servicer = KServeServicer(
+            TensorAPI(
+                self.core, max_images_per_request=self.settings.kserve_max_images_per_request
+            ),
+            max_inflight_requests=self.settings.stream_max_inflight_frames,
+        )
+        servicer.draining = self._draining
+        server.add_generic_rpc_handlers((kserve_handler(servicer),))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (
+                KSERVE_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        return server
 
     async def _set_health(self) -> None:
         models = self.core.models.models
@@ -93,6 +125,8 @@ class Server:
         overall = SERVING if any_ready else NOT_SERVING
         await self._health.set("", overall)
         await self._health.set(SEGMENTATION_SERVICE, overall)
+        if self._kserve is not None:
+            await self._health.set(KSERVE_SERVICE, overall)
 
     async def stop(self, timeout_s: float | None = None) -> None:
         """Drains: refuse new work, answer all accepted work (up to timeout_s), release."""
@@ -103,7 +137,8 @@ class Server:
         log.info("draining (up to %.1fs)", grace_s)
         self._draining.set()
         await self._set_health()
-        await self._grpc.stop(grace_s)
+        servers = [self._grpc] if self._kserve is None else [self._grpc, self._kserve]
+        await asyncio.gather(*(server.stop(grace_s) for server in servers))
         await self.core.stop(timeout_s=grace_s)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
@@ -113,6 +148,14 @@ class Server:
 
     async def wait_for_termination(self) -> None:
         await self._stopped.wait()
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC port {address}")
+    return bound
 
 
 async def serve(settings: Settings) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -33,6 +34,14 @@ class Settings(BaseSettings):
 
     metrics_port: int | None = Field(9464, ge=0, le=65535)
     """Port of the Prometheus /metrics HTTP endpoint; 0 picks a free port, unset disables it."""
+
+    kserve_port: int | None = Field(8001, ge=0, le=65535)
+    """gRPC port of the KServe v2 / Triton protocol (inference.GRPCInferenceService, as Triton's
+    own 8001): every model with raw tensors, and `<model>.image` with encoded images. 0 picks a
+    free port; unset disables it."""
+
+    kserve_max_images_per_request: int = Field(64, ge=1)
+    """Most images one KServe `<model>.image` request may carry (its IMAGE_BYTES batch)."""
 
     max_receive_message_bytes: int = Field(64 * MIB, ge=MIB)
     """Largest request message accepted; larger ones get RESOURCE_EXHAUSTED (a 4K PNG fits)."""
@@ -64,6 +73,29 @@ class Settings(BaseSettings):
     stream_max_inflight_frames: int = Field(4, ge=1)
     """Frames of one SegmentStream processed at once; further frames wait (flow control)."""
 
+    default_backend: Literal["onnxruntime", "triton"] = "onnxruntime"
+    """Backend of the models whose config.pbtxt names none (parameters segserve.backend):
+    ONNX Runtime in-process, or the Triton servers of triton_urls."""
+
+    triton_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Triton servers (host:port of their gRPC endpoint) that run the models on the Triton backend
+    unless a model lists its own in parameters segserve.triton_urls. The flag repeats; the
+    environment variable takes a comma-separated list."""
+
+    triton_inflight_batches_per_server: int = Field(2, ge=1)
+    """Batches of one model sent at once to each Triton server (more hide the network round trip)."""
+
+    triton_timeout_s: float = Field(30.0, gt=0)
+    """Longest wait for one batch on a Triton server; past it the server is ejected and the batch
+    is retried on another."""
+
+    triton_health_interval_s: float = Field(1.0, gt=0)
+    """How often an ejected Triton server is probed (server ready and model ready) to readmit it."""
+
+    triton_startup_timeout_s: float = Field(30.0, ge=0)
+    """At start, how long a Triton-backed model waits for its first ready server before it is
+    reported FAILED."""
+
     drain_timeout_s: float = Field(30.0, gt=0)
     """On SIGTERM/SIGINT, how long accepted requests get to finish before the server exits."""
 
@@ -76,6 +108,20 @@ class Settings(BaseSettings):
         if not value.is_dir():
             raise ValueError(f"model repository {str(value)!r} is not a directory")
         return value
+
+    @field_validator("triton_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [url.strip() for url in value.split(",") if url.strip()]
+        return value
+
+    @field_validator("triton_urls")
+    @classmethod
+    def _check_urls(cls, value: list[str]) -> list[str]:
+        from segserve_server.triton.pool import check_url
+
+        return [check_url(url) for url in value]
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -1,4 +1,4 @@
-"""Backends run a model's batches: ONNX Runtime in-process here; Triton servers in a later module."""
+"""Backends run a model's batches: ONNX Runtime in-process, or remote Triton servers (triton)."""
 
 from segserve_server.backends.base import Backend, create_backend
 

@@ -1,0 +1,491 @@
+"""The Triton-protocol view of the repository, independent of gRPC: model routes, tensors in and
+out as numpy arrays, statistics.
+
+Every repository model is served under two names:
+
+- `<model>`: the model exactly as Triton serves it. Its input and output are config.pbtxt's
+  (name, datatype, dims, with a leading -1 batch dim when max_batch_size > 0); a request of
+  batch N is split into N items submitted to the model's dynamic batcher, so it shares batches,
+  queue limits and deadlines with segserve.v1 traffic, and the answers are stacked again.
+- `<model>.image`: image in, mask out. Input IMAGE_BYTES (BYTES, shape [N]): encoded images
+  (JPEG, PNG, WebP, BMP). Outputs MASK_BYTES (BYTES [N]: the encoded label maps), MASK_SHAPE
+  (INT32 [N, 2]: height, width of each map) and CLASS_PIXEL_COUNTS (INT64 [N, C]: pixels per
+  class). Request parameters: mask_encoding ("srle", default, "png" or "raw": row-major uint8
+  bytes), output_size ("original", default, or "model"), embed_palette (bool, PNG only). Each
+  image runs the segserve request path (decode, preprocess, batch, postprocess, encode).
+
+Errors are SegserveError subclasses naming the bad value; the gRPC surface maps them to codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+
+from segserve_server.core import MaskEncoding, SegmentationCore, SegmentInput, SegmentOutput
+from segserve_server.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ModelNotFound,
+    SegserveError,
+)
+from segserve_server.model_repository import ModelConfig
+from segserve_server.models import Model, ModelVersion
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+IMAGE_SUFFIX = ".image"
+IMAGE_INPUT = "IMAGE_BYTES"
+MASK_OUTPUT = "MASK_BYTES"
+SHAPE_OUTPUT = "MASK_SHAPE"
+COUNTS_OUTPUT = "CLASS_PIXEL_COUNTS"
+IMAGE_PARAMETERS = ("mask_encoding", "output_size", "embed_palette")
+# Parameters tritonclient sets itself; segserve honours timeout (microseconds) and ignores the rest.
+RESERVED_PARAMETERS = ("priority", "timeout", "headers", "binary_data_output")
+SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
+
+# KServe datatype names and their numpy types (BYTES: object arrays of bytes).
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(np.object_),
+}
+
+
+def datatype_of(config_type: int) -> str:
+    """KServe's name of a config.pbtxt TYPE_*: TYPE_FP32 -> FP32, TYPE_STRING -> BYTES."""
+    name = mc.DataType.Name(config_type).removeprefix("TYPE_")
+    return "BYTES" if name == "STRING" else name
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output as the protocol advertises it; -1 is any size."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def check(self, datatype: str, shape: Iterable[int]) -> tuple[int, ...]:
+        """The request's shape if its datatype and shape fit, else InvalidArgument naming them."""
+        shape = tuple(shape)
+        if datatype != self.datatype:
+            raise InvalidArgument(
+                f"input {self.name!r} has datatype {datatype}; the model takes {self.datatype}"
+            )
+        if len(shape) != len(self.shape) or any(
+            want != -1 and got != want for got, want in zip(shape, self.shape, strict=True)
+        ):
+            raise InvalidArgument(
+                f"input {self.name!r} has shape {list(shape)}; the model takes {list(self.shape)} "
+                "(-1: any size)"
+            )
+        if any(d < 0 for d in shape):
+            raise InvalidArgument(f"input {self.name!r} has a negative dim in {list(shape)}")
+        return shape
+
+
+@dataclass(frozen=True)
+class Route:
+    """One model name of the protocol: a repository model as tensors, or its image route."""
+
+    name: str
+    model: Model
+    image: bool
+
+    @property
+    def config(self) -> ModelConfig:
+        assert self.model.config is not None
+        return self.model.config
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    seconds: float = 0.0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.count += count
+        self.seconds += seconds
+
+
+@dataclass
+class RouteStats:
+    """Triton's inference statistics of one route and version, for requests of this protocol."""
+
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    inference_count: int = 0
+    last_inference_ms: int = 0
+
+
+@dataclass(frozen=True)
+class InferResult:
+    model: str
+    version: int
+    outputs: dict[str, np.ndarray]  # in the order the outputs were asked for (or config order)
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """One protocol request, its tensors decoded (names checked against the route's inputs)."""
+
+    route: str
+    version: int
+    inputs: dict[str, np.ndarray]
+    requested: tuple[str, ...] = ()  # no names: every output
+    parameters: dict[str, str | int | bool | float] = field(default_factory=dict)
+
+
+class TensorAPI:
+    """The repository as Triton-protocol routes, served by the segserve core."""
+
+    def __init__(self, core: SegmentationCore, *, max_images_per_request: int) -> None:
+        self._core = core
+        self._max_images = max_images_per_request
+        self.stats: dict[tuple[str, int], RouteStats] = {}
+
+    # Routes and what they advertise.
+
+    def routes(self) -> list[Route]:
+        models = self._core.models.models
+        routes = [Route(name, model, image=False) for name, model in sorted(models.items())]
+        for name, model in sorted(models.items()):
+            image_name = name + IMAGE_SUFFIX
+            if model.config is None:
+                continue
+            if image_name in models:
+                log.warning("model %s hides the image route of model %s", image_name, name)
+                continue
+            routes.append(Route(image_name, model, image=True))
+        return routes
+
+    def route(self, name: str) -> Route:
+        models = self._core.models.models
+        if name in models:
+            return Route(name, models[name], image=False)
+        if name.endswith(IMAGE_SUFFIX):
+            model = models.get(name.removesuffix(IMAGE_SUFFIX))
+            if model is not None and model.config is not None:
+                return Route(name, model, image=True)
+        known = ", ".join(sorted(models)) or "none"
+        raise ModelNotFound(
+            f"model {name!r} is not served (models: {known}; each also as <model>{IMAGE_SUFFIX})"
+        )
+
+    def ready_version(self, route: Route, version: int = 0) -> ModelVersion:
+        """The READY version asked for (0: the serving one), or NOT_FOUND / UNAVAILABLE."""
+        return self._core.models.get(route.model.name, version)
+
+    def inputs(self, route: Route) -> list[TensorSpec]:
+        config = route.config
+        if route.image:
+            return [TensorSpec(IMAGE_INPUT, "BYTES", (-1,))]
+        model_input = config.raw.input[0]
+        return [
+            TensorSpec(
+                model_input.name,
+                datatype_of(model_input.data_type),
+                _dims(config, model_input.dims),
+            )
+        ]
+
+    def outputs(self, route: Route) -> list[TensorSpec]:
+        config = route.config
+        if route.image:
+            return [
+                TensorSpec(MASK_OUTPUT, "BYTES", (-1,)),
+                TensorSpec(SHAPE_OUTPUT, "INT32", (-1, 2)),
+                TensorSpec(COUNTS_OUTPUT, "INT64", (-1, len(config.classes))),
+            ]
+        model_output = config.raw.output[0]
+        return [
+            TensorSpec(
+                model_output.name,
+                datatype_of(model_output.data_type),
+                _dims(config, model_output.dims),
+            )
+        ]
+
+    def platform(self, route: Route) -> str:
+        return "segserve_image" if route.image else route.config.platform
+
+    def model_config(self, route: Route) -> mc.ModelConfig:
+        """config.pbtxt as Triton reports it; for an image route, a config of its own."""
+        config = route.config
+        if not route.image:
+            raw = mc.ModelConfig()
+            raw.CopyFrom(config.raw)
+            raw.name = route.name
+            return raw
+        image = mc.ModelConfig(name=route.name, backend="segserve", max_batch_size=0)
+        image.input.add(name=IMAGE_INPUT, data_type=mc.TYPE_STRING, dims=[-1])
+        image.output.add(name=MASK_OUTPUT, data_type=mc.TYPE_STRING, dims=[-1])
+        image.output.add(name=SHAPE_OUTPUT, data_type=mc.TYPE_INT32, dims=[-1, 2])
+        image.output.add(
+            name=COUNTS_OUTPUT, data_type=mc.TYPE_INT64, dims=[-1, len(config.classes)]
+        )
+        if config.raw.HasField("version_policy"):
+            image.version_policy.CopyFrom(config.raw.version_policy)
+        parameters = {
+            "segserve.model": config.name,
+            "segserve.class_names": json.dumps([c.name for c in config.classes]),
+            "segserve.colors": ";".join(",".join(map(str, c.color)) for c in config.classes),
+            "segserve.mask_encodings": ",".join(e.value for e in MaskEncoding),
+            "segserve.input_size": f"{config.input_width}x{config.input_height}",
+            "segserve.description": config.description,
+        }
+        for key, value in parameters.items():
+            image.parameters[key].string_value = value
+        return image
+
+    # Inference.
+
+    async def infer(self, request: InferRequest, deadline_s: float | None) -> InferResult:
+        """Runs one request; raises SegserveError subclasses naming what is wrong."""
+        started = time.perf_counter()
+        route = self.route(request.route)
+        version = self.ready_version(route, request.version)
+        stats = self.stats.setdefault((route.name, version.version), RouteStats())
+        try:
+            for key in request.parameters:
+                if key in SEQUENCE_PARAMETERS:
+                    raise InvalidArgument(f"model {route.name!r} is not a sequence model ({key})")
+            wanted = self._requested(route, request.requested)
+            if route.image:
+                outputs = await self._infer_images(
+                    route, version, request, wanted, deadline_s, stats
+                )
+            else:
+                outputs = await self._infer_tensors(
+                    route, version, request, wanted, deadline_s, stats
+                )
+        except (SegserveError, asyncio.CancelledError):
+            stats.fail.add(time.perf_counter() - started)
+            raise
+        stats.success.add(time.perf_counter() - started)
+        stats.last_inference_ms = int(time.time() * 1000)
+        return InferResult(route.name, version.version, outputs)
+
+    def _requested(self, route: Route, names: tuple[str, ...]) -> list[str]:
+        known = [spec.name for spec in self.outputs(route)]
+        for name in names:
+            if name not in known:
+                raise InvalidArgument(
+                    f"output {name!r} is not an output of model {route.name!r} (outputs: {known})"
+                )
+        if len(set(names)) != len(names):
+            raise InvalidArgument(f"outputs {list(names)} repeat an output")
+        return list(names) or known
+
+    def _one_input(self, route: Route, request: InferRequest) -> np.ndarray:
+        (spec,) = self.inputs(route)
+        unknown = sorted(set(request.inputs) - {spec.name})
+        if unknown:
+            raise InvalidArgument(
+                f"inputs {unknown} are not inputs of model {route.name!r} (inputs: [{spec.name!r}])"
+            )
+        if spec.name not in request.inputs:
+            raise InvalidArgument(f"model {route.name!r} needs input {spec.name!r}")
+        return request.inputs[spec.name]
+
+    async def _infer_tensors(
+        self,
+        route: Route,
+        version: ModelVersion,
+        request: InferRequest,
+        wanted: list[str],
+        deadline_s: float | None,
+        stats: RouteStats,
+    ) -> dict[str, np.ndarray]:
+        config = route.config
+        batch = self._one_input(route, request)
+        count = batch.shape[0]
+        limit = config.raw.max_batch_size
+        if limit > 0 and count > limit:
+            raise InvalidArgument(
+                f"batch size {count} of model {route.name!r} exceeds its max_batch_size {limit}"
+            )
+        if count == 0:
+            raise InvalidArgument(
+                f"input {config.input_name!r} has an empty batch (shape {list(batch.shape)})"
+            )
+        deadline_s = _earliest(deadline_s, request.parameters)
+        batcher = version.batcher
+        assert batcher is not None
+        self._core.metrics.inflight.labels(config.name).inc()
+        code = "OK"
+        try:
+            async with asyncio.timeout_at(_loop_time(deadline_s)):
+                outcomes = await _all(
+                    batcher.submit(np.ascontiguousarray(batch[i]), deadline_s) for i in range(count)
+                )
+        except TimeoutError as exc:
+            code = "DEADLINE_EXCEEDED"
+            raise DeadlineExceeded(
+                f"deadline exceeded before model {route.name!r} answered"
+            ) from exc
+        except SegserveError as exc:
+            code = exc.code.name
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            self._core.metrics.inflight.labels(config.name).dec()
+            self._core.metrics.requests.labels(config.name, code).inc()
+        stats.inference_count += count
+        stats.queue.add(max(o.queue_s for o in outcomes))
+        stats.compute_infer.add(max(o.infer_s for o in outcomes))
+        output = np.stack([o.output for o in outcomes]).astype(config.output_dtype, copy=False)
+        return {wanted[0]: output} if wanted else {}
+
+    async def _infer_images(
+        self,
+        route: Route,
+        version: ModelVersion,
+        request: InferRequest,
+        wanted: list[str],
+        deadline_s: float | None,
+        stats: RouteStats,
+    ) -> dict[str, np.ndarray]:
+        images = self._one_input(route, request)
+        if images.size == 0:
+            raise InvalidArgument(f"input {IMAGE_INPUT!r} holds no image")
+        if images.size > self._max_images:
+            raise InvalidArgument(
+                f"input {IMAGE_INPUT!r} holds {images.size} images; at most {self._max_images} "
+                "per request (kserve_max_images_per_request)"
+            )
+        options = _image_options(request.parameters)
+        deadline_s = _earliest(deadline_s, request.parameters)
+
+        async def one(index: int, image: bytes) -> SegmentOutput:
+            segment = SegmentInput(
+                model=route.model.name,
+                image=image,
+                version=version.version,
+                encodings=(options[0],),
+                output_model_size=options[1],
+                include_pixel_counts=COUNTS_OUTPUT in wanted,
+                embed_palette=options[2],
+            )
+            try:
+                return await self._core.segment(segment, deadline_s)
+            except SegserveError as exc:
+                raise type(exc)(f"{IMAGE_INPUT}[{index}]: {exc.message}") from exc
+
+        results = await _all(one(i, bytes(image)) for i, image in enumerate(images.reshape(-1)))
+        for result in results:
+            t = result.timings
+            stats.queue.add(t.queue)
+            stats.compute_input.add(t.decode + t.preprocess)
+            stats.compute_infer.add(t.infer)
+            stats.compute_output.add(t.postprocess + t.encode)
+        stats.inference_count += len(results)
+        masks = np.empty(len(results), dtype=np.object_)
+        masks[:] = [r.masks[0][1] for r in results]
+        counts = np.zeros((len(results), len(route.config.classes)), dtype=np.int64)
+        for row, result in enumerate(results):
+            for present in result.classes:
+                counts[row, present.class_id] = present.pixel_count
+        produced = {
+            MASK_OUTPUT: masks,
+            SHAPE_OUTPUT: np.array([[r.height, r.width] for r in results], dtype=np.int32),
+            COUNTS_OUTPUT: counts,
+        }
+        return {name: produced[name] for name in wanted}
+
+    def version_stats(self, route: Route, version: int) -> RouteStats:
+        return self.stats.get((route.name, version), RouteStats())
+
+
+def _loop_time(deadline_s: float | None) -> float | None:
+    """A time.monotonic() deadline on the loop's clock (asyncio.timeout_at)."""
+    if deadline_s is None:
+        return None
+    return asyncio.get_running_loop().time() + (deadline_s - time.monotonic())
+
+
+def _dims(config: ModelConfig, dims: Iterable[int]) -> tuple[int, ...]:
+    batch = (-1,) if config.raw.max_batch_size > 0 else ()
+    return (*batch, *dims)
+
+
+def _earliest(
+    deadline_s: float | None, parameters: dict[str, str | int | bool | float]
+) -> float | None:
+    """The call's deadline, or the request's `timeout` parameter (microseconds) if sooner."""
+    timeout_us = parameters.get("timeout")
+    if timeout_us is None:
+        return deadline_s
+    if isinstance(timeout_us, bool) or not isinstance(timeout_us, int) or timeout_us < 0:
+        raise InvalidArgument(f"parameter timeout = {timeout_us!r} is not microseconds (int >= 0)")
+    if timeout_us == 0:
+        return deadline_s
+    own = time.monotonic() + timeout_us / 1e6
+    return own if deadline_s is None else min(own, deadline_s)
+
+
+def _image_options(
+    parameters: dict[str, str | int | bool | float],
+) -> tuple[MaskEncoding, bool, bool]:
+    """(mask encoding, output at the model's size, embed palette) from the request parameters."""
+    for key in parameters:
+        if (
+            key not in IMAGE_PARAMETERS
+            and key not in RESERVED_PARAMETERS
+            and not key.startswith("triton_")
+        ):
+            raise InvalidArgument(
+                f"parameter {key!r} is not one of the image route's {list(IMAGE_PARAMETERS)}"
+            )
+    encoding_name = parameters.get("mask_encoding", MaskEncoding.SRLE.value)
+    encodings = {e.value: e for e in MaskEncoding}
+    if not isinstance(encoding_name, str) or encoding_name.lower() not in encodings:
+        raise InvalidArgument(
+            f"parameter mask_encoding = {encoding_name!r} is not one of {sorted(encodings)}"
+        )
+    size = parameters.get("output_size", "original")
+    if not isinstance(size, str) or size.lower() not in ("original", "model"):
+        raise InvalidArgument(f"parameter output_size = {size!r} is not 'original' or 'model'")
+    palette = parameters.get("embed_palette", False)
+    if not isinstance(palette, bool):
+        raise InvalidArgument(f"parameter embed_palette = {palette!r} is not a bool")
+    return encodings[encoding_name.lower()], size.lower() == "model", palette
+
+
+async def _all(awaitables: Iterable[Awaitable[T]]) -> list[T]:
+    """Awaits every one concurrently; on the first failure cancels the rest and raises it."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled():
+                task.exception()  # retrieved: a second failure is not logged as unhandled
