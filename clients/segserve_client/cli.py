@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from segserve_client import bench
 from segserve_client.client import SegserveClient
 from segserve_client.errors import SegserveError
 from segserve_client.masks import encode_png
@@ -271,7 +272,7 @@ COMMANDS: dict[str, Command] = {
     "segment": Command("segment one image", _add_segment_arguments, _run_segment),
     "models": Command("list the server's models", _add_models_arguments, _run_models),
     "model": Command("describe one model", _add_model_arguments, _run_model),
-    # "bench": Command("measure throughput and latency", _add_bench_arguments, _run_bench),
+    "bench": Command("measure throughput and latency", bench.add_arguments, bench.run),
 }
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -110,10 +111,15 @@ class Batcher:
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self._backend = backend
-        self._config = config
         self._name = name
         self._instances = instances
         self._on_batch = on_batch
+        # A backend may know that larger batches do not pay on its device (ONNX Runtime's CPU
+        # lanes); explicitly preferred batch sizes still win.
+        limit = backend.batch_size_limit
+        if limit and not config.preferred_batch_sizes and limit < config.max_batch_size:
+            config = dataclasses.replace(config, max_batch_size=limit)
+        self._config = config
         self._queue: deque[_Pending] = deque()
         self._closing = False
         self._started = False

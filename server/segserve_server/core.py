@@ -236,33 +236,59 @@ class SegmentationCore:
         timings: StageTimings,
     ) -> SegmentOutput:
         """Postprocess and encode, in a worker thread."""
-        watch = _Stopwatch()
-        labels = postprocess.resize_labels(
-            postprocess.to_label_map(model_output, config), width, height
+        output = finish_output(
+            model_output,
+            config,
+            width,
+            height,
+            encodings,
+            include_pixel_counts=request.include_pixel_counts,
+            embed_palette=request.embed_palette,
+            zlib_level=self.settings.png_compression_level,
         )
-        counts = postprocess.class_pixel_counts(labels, len(config.classes))
-        classes = [
-            ClassCount(
-                int(i),
-                config.classes[i].name,
-                int(counts[i]) if request.include_pixel_counts else 0,
-            )
-            for i in np.flatnonzero(counts)
-        ]
-        timings.postprocess = watch.lap()
-        level = self.settings.png_compression_level
-        encoded = []
-        for encoding in encodings:
-            if encoding is MaskEncoding.SRLE:
-                data = masks.encode_srle(labels, zlib_level=level)
-            elif encoding is MaskEncoding.PNG:
-                palette = config.palette if request.embed_palette else None
-                data = masks.encode_png(labels, palette=palette, zlib_level=level)
-            else:
-                data = labels.tobytes()
-            encoded.append((encoding, data))
-        timings.encode = watch.lap()
-        return SegmentOutput(width, height, encoded, classes, config.name, 0, timings)
+        timings.postprocess, timings.encode = output.timings.postprocess, output.timings.encode
+        output.timings = timings
+        return output
+
+
+def finish_output(
+    model_output: np.ndarray,
+    config: ModelConfig,
+    width: int,
+    height: int,
+    encodings: tuple[MaskEncoding, ...],
+    *,
+    include_pixel_counts: bool = False,
+    embed_palette: bool = False,
+    zlib_level: int = 1,
+) -> SegmentOutput:
+    """One image's model output to its answer: label map at width x height, classes, masks.
+
+    Sets the postprocess and encode seconds of the returned timings.
+    """
+    watch = _Stopwatch()
+    model_labels = postprocess.to_label_map(model_output, config)
+    labels = postprocess.resize_labels(model_labels, width, height)
+    names = [c.name for c in config.classes]
+    if include_pixel_counts:
+        counts = postprocess.class_pixel_counts(labels, len(names))
+        classes = [ClassCount(int(i), names[i], int(counts[i])) for i in np.flatnonzero(counts)]
+    else:
+        present = postprocess.classes_present(model_labels, labels, len(names))
+        classes = [ClassCount(int(i), names[i], 0) for i in present]
+    timings = StageTimings(postprocess=watch.lap())
+    encoded = []
+    for encoding in encodings:
+        if encoding is MaskEncoding.SRLE:
+            data = masks.encode_srle(labels, zlib_level=zlib_level)
+        elif encoding is MaskEncoding.PNG:
+            palette = config.palette if embed_palette else None
+            data = masks.encode_png(labels, palette=palette, zlib_level=zlib_level)
+        else:
+            data = labels.tobytes()
+        encoded.append((encoding, data))
+    timings.encode = watch.lap()
+    return SegmentOutput(width, height, encoded, classes, config.name, 0, timings)
 
 
 def _loop_deadline(deadline_s: float | None) -> float | None:

@@ -59,7 +59,9 @@ class Settings(BaseSettings):
     """Threads that decode, preprocess, postprocess and encode (they release the GIL)."""
 
     ort_intra_op_threads: int = Field(0, ge=0)
-    """ONNX Runtime intra-op threads per model instance; 0 lets ONNX Runtime choose."""
+    """ONNX Runtime intra-op threads per model instance. 0 (the default): on the CPU, one
+    single-threaded lane per core, one image each, and a lone request on all cores; elsewhere
+    ONNX Runtime's own choice. A number: one session of that many threads, the config's batching."""
 
     ort_providers: list[str] | None = None
     """ONNX Runtime execution providers to use, overriding each model's config.pbtxt choice."""

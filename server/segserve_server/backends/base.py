@@ -42,6 +42,12 @@ class Backend(abc.ABC):
         """Batches worth running at once; None: the config's instance count."""
         return None
 
+    @property
+    def batch_size_limit(self) -> int | None:
+        """The largest batch worth running on this device, if smaller than the config's
+        max_batch_size (ONNX Runtime's single-threaded CPU lanes: 1); None: the config's."""
+        return None
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Loop-bound set-up, after construction; raises ModelConfigError if it cannot serve."""
 
