@@ -170,5 +170,41 @@ async def test_stop_with_timeout_fails_what_cannot_finish():
     await batcher.stop(timeout_s=0.1)
     backend.gate.set()
     for future in (running, waiting):
-        with pytest.raises((ModelUnavailable, InferenceFailed, asyncio.CancelledError)):
+        with pytest.raises(ModelUnavailable, match="drain timeout"):
             await future
+
+
+async def test_one_by_one_retry_skips_requests_that_expired_meanwhile():
+    backend = GatedBackend()
+    batcher = await make(backend, dynamic(8, delay_us=500_000, preferred=(3,)))
+    soon = time.monotonic() + 0.3
+    futures = [
+        asyncio.ensure_future(batcher.submit(item(v), deadline_s=d))
+        for v, d in ((1, None), (-1, None), (3, soon))
+    ]
+    await started(backend)  # the batch [1, -1, 3] is running and will fail
+    await asyncio.sleep(0.4)  # meanwhile request 3's deadline passes
+    backend.gate.set()
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert results[0].output[0] == 10
+    assert isinstance(results[1], InferenceFailed)
+    assert isinstance(results[2], DeadlineExceeded)
+    assert [3.0] not in backend.batches  # the expired request never ran again
+    await batcher.stop()
+
+
+class UnavailableBackend(GatedBackend):
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        self.batches.append([float(x) for x in batch[:, 0]])
+        raise ModelUnavailable("no server left")
+
+
+async def test_errors_that_are_no_inputs_fault_are_not_retried_one_by_one():
+    backend = UnavailableBackend()
+    batcher = await make(backend, dynamic(8, delay_us=200_000, preferred=(3,)))
+    results = await asyncio.gather(
+        *(batcher.submit(item(v)) for v in (1, 2, 3)), return_exceptions=True
+    )
+    assert backend.batches == [[1.0, 2.0, 3.0]]
+    assert all(isinstance(r, ModelUnavailable) for r in results)
+    await batcher.stop()

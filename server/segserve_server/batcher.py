@@ -134,8 +134,9 @@ class Batcher:
         self._executor = ThreadPoolExecutor(
             self._instances, thread_name_prefix=f"infer-{self._name}"
         )
-        self._batches: set[asyncio.Task[None]] = set()
+        self._batches: dict[asyncio.Task[None], list[_Pending]] = {}
         self._loop_task = asyncio.create_task(self._form_batches(), name=f"batcher-{self._name}")
+        self._loop_task.add_done_callback(self._loop_ended)
         self._started = True
 
     async def submit(self, tensor: np.ndarray, deadline_s: float | None = None) -> BatchOutcome:
@@ -158,6 +159,16 @@ class Batcher:
         self._wakeup.set()
         return await future
 
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """If the batch-forming loop ever crashes, no request may wait for it forever."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("model %s: batcher loop crashed", self._name, exc_info=task.exception())
+        self._closing = True
+        for pending in self._queue:
+            _fail(pending.future, InferenceFailed(f"model {self._name}: batcher failed"))
+        self._queue.clear()
+
     def _wake_if_cancelled(self, future: asyncio.Future[BatchOutcome]) -> None:
         """A caller gave up: wake the loop so the request leaves the queue now, not at its turn."""
         if future.cancelled():
@@ -179,29 +190,34 @@ class Batcher:
                 "model %s: batches still running after %.1fs; failing them", self._name, timeout_s
             )
             self._loop_task.cancel()
-            for task in list(self._batches):
+            stopped = ModelUnavailable(
+                f"model {self._name} stopped before answering (drain timeout)"
+            )
+            for task, running in list(self._batches.items()):
+                for pending in running:
+                    _fail(pending.future, stopped)
                 task.cancel()
             for pending in self._queue:
-                _fail(pending.future, ModelUnavailable(f"model {self._name} stopped"))
+                _fail(pending.future, stopped)
             self._queue.clear()
         finally:
             self._executor.shutdown(wait=False, cancel_futures=True)
             await self._backend.aclose()
 
+    def _alive(self, pending: _Pending, now: float) -> bool:
+        """False for a request whose caller went away, or whose deadline passed (it is failed)."""
+        if pending.future.done():
+            return False
+        if pending.deadline_s is not None and now >= pending.deadline_s:
+            _fail(pending.future, DeadlineExceeded(f"deadline passed in {self._name}'s queue"))
+            return False
+        return True
+
     def _drop_dead(self) -> None:
         """Removes requests whose caller went away or whose deadline has passed."""
-        if not self._queue:
-            return
-        now = time.monotonic()
-        alive: deque[_Pending] = deque()
-        for pending in self._queue:
-            if pending.future.done():
-                continue
-            if pending.deadline_s is not None and now >= pending.deadline_s:
-                _fail(pending.future, DeadlineExceeded(f"deadline passed in {self._name}'s queue"))
-                continue
-            alive.append(pending)
-        self._queue = alive
+        if self._queue:
+            now = time.monotonic()
+            self._queue = deque(p for p in self._queue if self._alive(p, now))
 
     async def _form_batches(self) -> None:
         while True:
@@ -211,12 +227,14 @@ class Batcher:
                 self._slots.release()
                 return
             task = asyncio.create_task(self._run(batch))
-            self._batches.add(task)
+            self._batches[task] = batch
             task.add_done_callback(self._batch_done)
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
-        self._batches.discard(task)
+        self._batches.pop(task, None)
         self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("model %s: batch task failed", self._name, exc_info=task.exception())
 
     async def _next_batch(self) -> list[_Pending] | None:
         while True:
@@ -236,8 +254,11 @@ class Batcher:
         try:
             await self._run_once(batch)
         except SegserveError as exc:
-            if len(batch) == 1:
-                _fail(batch[0].future, exc)
+            # Only a failed inference may be one bad input's fault; UNAVAILABLE (no server left),
+            # RESOURCE_EXHAUSTED and the like would fail one by one just the same.
+            if len(batch) == 1 or not isinstance(exc, InferenceFailed):
+                for pending in batch:
+                    _fail(pending.future, exc)
             else:
                 log.warning(
                     "model %s: batch of %d failed (%s); retrying one by one",
@@ -258,7 +279,8 @@ class Batcher:
                 )
 
     async def _run_once(self, batch: list[_Pending]) -> None:
-        batch = [p for p in batch if not p.future.done()]
+        now = time.monotonic()
+        batch = [p for p in batch if self._alive(p, now)]
         if not batch:
             return
         started = time.monotonic()
@@ -269,18 +291,23 @@ class Batcher:
             loop = asyncio.get_running_loop()
             outputs = await loop.run_in_executor(self._executor, self._infer, tensors)
         infer_s = time.monotonic() - started
-        if self._on_batch is not None:
-            self._on_batch(len(batch), infer_s)
         for pending, output in zip(batch, outputs, strict=True):
             _resolve(
                 pending.future,
                 BatchOutcome(output, started - pending.enqueued_s, infer_s, len(batch)),
             )
+        if self._on_batch is not None:
+            try:
+                self._on_batch(len(batch), infer_s)
+            except Exception:  # metrics must never fail requests already answered
+                log.exception("model %s: on_batch callback failed", self._name)
 
     def _infer(self, tensors: list[np.ndarray]) -> np.ndarray:
         """Runs in the model's executor: stacks the inputs, runs the backend, checks the size."""
         try:
-            outputs = self._backend.infer(_stack(tensors))
+            outputs = np.asarray(self._backend.infer(_stack(tensors)))
+        except SegserveError:
+            raise
         except Exception as exc:
             raise InferenceFailed(
                 f"model {self._name} failed on a batch of {len(tensors)}: {exc}"
