@@ -10,7 +10,9 @@ from pathlib import Path
 import cv2
 import grpc
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from segserve.v1 import segserve_pb2_grpc as pb_grpc
 from segserve_server.server import Server
@@ -64,6 +66,9 @@ def build_test_repository(root: Path) -> Path:
     )
     # Slow enough per request (tens of ms) that requests are in flight when a test acts.
     write_entry(root, "colour_busy", 256, 256, busy_layers=24, max_batch_size=2)
+    # Declares (H, W) labels but answers (H, W + 1): a model that misbehaves at run time.
+    misshapen = write_entry(root, "misshapen", H, W)
+    onnx.save(padded_labels_model(), misshapen / "1" / "model.onnx")
     broken = root / "broken_config"
     (broken / "1").mkdir(parents=True)
     (broken / "config.pbtxt").write_text(
@@ -72,6 +77,26 @@ def build_test_repository(root: Path) -> Path:
     missing = write_entry(root, "missing_file", H, W)
     (missing / "1" / "model.onnx").unlink()
     return root
+
+
+def padded_labels_model() -> onnx.ModelProto:
+    """uint8 labels of shape (N, H, W + 1) for (N, 3, H, W) input: one column too many."""
+    nodes = [
+        helper.make_node("ReduceMax", ["image"], ["peak"], axes=[1], keepdims=0),
+        helper.make_node("Cast", ["peak"], ["ids"], to=TensorProto.UINT8),
+        helper.make_node("Pad", ["ids", "pads"], ["labels"]),
+    ]
+    pads = numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 1], dtype=np.int64), "pads")
+    graph = helper.make_graph(
+        nodes,
+        "padded",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, H, W])],
+        [helper.make_tensor_value_info("labels", TensorProto.UINT8, ["N", H, W + 1])],
+        [pads],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from segserve.v1 import segserve_pb2 as pb
+from segserve.v1 import segserve_pb2_grpc as pb_grpc
 from segserve_client.masks import decode_png, decode_srle
+from segserve_server.server import Server
 from segserve_server.synthetic_models import COLOUR_PALETTE, expected_colour_labels
-from tests.conftest import H, W, encode, quadrant_image
+from tests.conftest import H, W, encode, make_settings, quadrant_image
 
 EXPECTED_QUADRANTS = expected_colour_labels(quadrant_image())
 
@@ -173,9 +175,40 @@ async def test_batches_form_under_concurrency(stub):
         np.testing.assert_array_equal(decode_srle(response.masks[0].data), EXPECTED_QUADRANTS)
 
 
-async def test_many_concurrent_requests_batch_and_all_answer(stub):
+async def test_many_concurrent_requests_all_answer(stub):
     responses = await asyncio.gather(*(stub.Segment(request()) for _ in range(24)))
-    assert all(r.timings.batch_size >= 1 for r in responses)
-    assert max(r.timings.batch_size for r in responses) > 1
+    assert all(1 <= r.timings.batch_size <= 8 for r in responses)
     for response in responses:
         np.testing.assert_array_equal(decode_srle(response.masks[0].data), EXPECTED_QUADRANTS)
+
+
+async def test_default_cpu_lanes_configuration(repository):
+    """The production default (ort_intra_op_threads 0: one single-threaded lane per core, a lone
+    request on all cores) gives the same masks as the configured sessions the other tests use."""
+    server = Server(make_settings(repository, ort_intra_op_threads=0, metrics_port=None))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            lanes = pb_grpc.SegmentationStub(channel)
+            answers = await asyncio.gather(*(lanes.Segment(request()) for _ in range(6)))
+            frames = [pb.SegmentStreamRequest(frame_id=i, request=request()) for i in range(5)]
+            streamed = [a async for a in lanes.SegmentStream(iter(frames))]
+        for answer in [*answers, *(s.response for s in streamed)]:
+            np.testing.assert_array_equal(decode_srle(answer.masks[0].data), EXPECTED_QUADRANTS)
+        assert [s.frame_id for s in streamed] == list(range(5))
+    finally:
+        await server.stop(timeout_s=5)
+
+
+async def test_a_model_that_answers_the_wrong_shape_is_internal_and_the_stream_goes_on(stub):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Segment(request("misshapen"))
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "shape" in err.value.details() and "config declares" in err.value.details()
+    frames = [
+        pb.SegmentStreamRequest(frame_id=i, request=request("misshapen" if i == 1 else "colour"))
+        for i in range(3)
+    ]
+    answers = [a async for a in stub.SegmentStream(iter(frames))]
+    assert [a.WhichOneof("result") for a in answers] == ["response", "error", "response"]
+    assert answers[1].error.code == grpc.StatusCode.INTERNAL.value[0]

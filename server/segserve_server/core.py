@@ -1,7 +1,8 @@
 """The transport-agnostic core: one segmentation request from image bytes to encoded masks.
 
-Every API surface (segserve.v1 gRPC today; the Triton protocol later) converts its messages to
-SegmentInput, awaits SegmentationCore.segment, and converts SegmentOutput back. Decoding,
+Every image API surface (segserve.v1 gRPC, and the image route of the KServe v2 / Triton port)
+converts its messages to SegmentInput, awaits SegmentationCore.segment, and converts
+SegmentOutput back; the Triton raw-tensor route goes to the model's batcher directly. Decoding,
 preprocessing, postprocessing and encoding run in a thread pool (they release the GIL); the
 event loop only routes.
 """
@@ -24,7 +25,12 @@ import numpy as np
 
 from segserve_client import masks
 from segserve_server import imaging, postprocess
-from segserve_server.errors import DeadlineExceeded, InvalidArgument, SegserveError
+from segserve_server.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidArgument,
+    SegserveError,
+)
 from segserve_server.metrics import STAGES, Metrics
 from segserve_server.model_repository import ModelConfig
 from segserve_server.models import ModelManager, ModelVersion
@@ -32,6 +38,7 @@ from segserve_server.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+UNKNOWN_MODEL_LABEL = "_unknown"
 
 
 class MaskEncoding(enum.Enum):
@@ -141,7 +148,8 @@ class SegmentationCore:
     ) -> SegmentOutput:
         """Segments one image; raises SegserveError subclasses. deadline_s is time.monotonic()."""
         started = time.perf_counter()
-        label = request.model
+        # Unknown names share one label: clients must not be able to mint metric series.
+        label = request.model if request.model in self.models.models else UNKNOWN_MODEL_LABEL
         code = "OK"
         self.metrics.inflight.labels(label).inc()
         try:
@@ -158,10 +166,10 @@ class SegmentationCore:
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
-        except Exception:
+        except Exception as exc:
             code = "INTERNAL"
-            log.exception("segment failed unexpectedly")
-            raise
+            log.exception("segment of model %s failed unexpectedly", request.model)
+            raise InferenceFailed(f"internal error: {type(exc).__name__}: {exc}") from exc
         finally:
             self.metrics.inflight.labels(label).dec()
             self.metrics.requests.labels(label, code).inc()
@@ -267,6 +275,7 @@ def finish_output(
     Sets the postprocess and encode seconds of the returned timings.
     """
     watch = _Stopwatch()
+    _check_output_shape(model_output, config)
     model_labels = postprocess.to_label_map(model_output, config)
     labels = postprocess.resize_labels(model_labels, width, height)
     names = [c.name for c in config.classes]
@@ -289,6 +298,17 @@ def finish_output(
         encoded.append((encoding, data))
     timings.encode = watch.lap()
     return SegmentOutput(width, height, encoded, classes, config.name, 0, timings)
+
+
+def _check_output_shape(model_output: np.ndarray, config: ModelConfig) -> None:
+    """One image's output must be what config.pbtxt declares: labels (H, W) or scores (C, H, W)."""
+    size = (config.input_height, config.input_width)
+    expected = size if config.outputs_labels else (len(config.classes), *size)
+    if model_output.shape != expected:
+        raise InferenceFailed(
+            f"model {config.name} returned an output of shape {model_output.shape} per image; "
+            f"its config declares {expected}"
+        )
 
 
 def _loop_deadline(deadline_s: float | None) -> float | None:

@@ -1,6 +1,7 @@
 """The one exception hierarchy of segserve; each error carries the gRPC status code it maps to.
 
-Every API surface converts these in a single place (grpc_service.abort_with / frame_error).
+Each gRPC surface converts these to statuses in one place of its own: grpc_service._as_segserve_error
+/ _status_of for segserve.v1, triton/kserve_service for the KServe v2 port.
 """
 
 from __future__ import annotations

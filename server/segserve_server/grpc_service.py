@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError, Message
 
 from segserve.v1 import segserve_pb2 as pb
 from segserve_server.core import MaskEncoding, SegmentationCore, SegmentInput, SegmentOutput
-from segserve_server.errors import InvalidArgument, ModelNotFound, SegserveError
+from segserve_server.errors import InferenceFailed, InvalidArgument, ModelNotFound, SegserveError
 from segserve_server.imaging import RawPixels
 from segserve_server.models import Model, ModelState, ModelVersion
 
@@ -48,6 +48,16 @@ def _status_of(exc: SegserveError) -> tuple[grpc.StatusCode, str]:
     return exc.code, exc.message
 
 
+def _as_segserve_error(exc: Exception) -> SegserveError:
+    """A SegserveError as it is; anything else is a bug of ours: logged, then INTERNAL."""
+    if isinstance(exc, SegserveError):
+        return exc
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc  # context.abort was already called
+    log.exception("unexpected error in a segserve.v1 handler")
+    return InferenceFailed(f"internal error: {type(exc).__name__}: {exc}")
+
+
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     """The call's deadline on the time.monotonic() clock, or None."""
     remaining = context.time_remaining()
@@ -57,6 +67,8 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 def to_segment_input(request: pb.SegmentRequest) -> SegmentInput:
     if not request.model:
         raise InvalidArgument("request names no model")
+    if request.model_version < 0:
+        raise InvalidArgument(f"model_version {request.model_version} is negative (0: latest)")
     kind = request.image.WhichOneof("data")
     image: bytes | RawPixels
     if kind == "encoded":
@@ -202,8 +214,8 @@ def _unary(
     async def handle(data: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await behaviour(_parse(request_cls, data), context)
-        except SegserveError as exc:
-            await context.abort(*_status_of(exc))
+        except Exception as exc:
+            await context.abort(*_status_of(_as_segserve_error(exc)))
 
     return handle
 
@@ -221,8 +233,8 @@ def _streaming(
         try:
             async for answer in behaviour(parsed(), context):
                 yield answer
-        except SegserveError as exc:
-            await context.abort(*_status_of(exc))
+        except Exception as exc:
+            await context.abort(*_status_of(_as_segserve_error(exc)))
 
     return handle
 
@@ -246,8 +258,8 @@ class SegmentationServicer:
     ) -> pb.SegmentStreamResponse:
         try:
             output = await self._core.segment(to_segment_input(frame.request), deadline_s)
-        except SegserveError as exc:
-            code, message = _status_of(exc)
+        except Exception as exc:
+            code, message = _status_of(_as_segserve_error(exc))
             error = pb.FrameError(code=code.value[0], message=message)
             return pb.SegmentStreamResponse(frame_id=frame.frame_id, error=error)
         return pb.SegmentStreamResponse(
@@ -261,8 +273,9 @@ class SegmentationServicer:
     ) -> AsyncIterator[pb.SegmentStreamResponse]:
         """Reads frames while answering earlier ones; answers leave in arrival order.
 
-        At most max_inflight_frames frames are processed at once; beyond that the reader waits,
-        and gRPC flow control holds the client back. When the server drains, reading stops, every
+        At most max_inflight_frames frames are read and not yet answered (processing, or done
+        and waiting to be sent); beyond that the reader waits, and gRPC flow control holds the
+        client back, also when the client is slow to read its answers. When the server drains, reading stops, every
         frame already read is answered, and the stream ends with UNAVAILABLE.
         """
         deadline_s = deadline_of(context)
@@ -282,9 +295,7 @@ class SegmentationServicer:
                         drained = True
                         return
                     await slots.acquire()
-                    task = asyncio.create_task(self._frame(frame, deadline_s))
-                    task.add_done_callback(lambda _: slots.release())
-                    answers.put_nowait(task)
+                    answers.put_nowait(asyncio.create_task(self._frame(frame, deadline_s)))
             finally:
                 answers.put_nowait(None)
 
@@ -293,8 +304,10 @@ class SegmentationServicer:
         try:
             while (task := await answers.get()) is not None:
                 pending.append(task)
-                yield await task
+                answer = await task
+                yield answer
                 pending.remove(task)
+                slots.release()  # only once its answer is sent
             await reader
         finally:
             reader.cancel()
@@ -346,6 +359,10 @@ class SegmentationServicer:
     async def GetModel(
         self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
+        if not request.name:
+            raise InvalidArgument("GetModel names no model")
+        if request.version < 0:
+            raise InvalidArgument(f"version {request.version} is negative (0: the serving one)")
         model = self._core.models.models.get(request.name)
         if model is None:
             raise ModelNotFound(f"model {request.name!r} is not in the repository")
