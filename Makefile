@@ -1,5 +1,5 @@
 # The two set-up commands of the README: `make serve` and `make test`. Both create .venv first.
-PYTHON ?= python3
+PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 50051

@@ -17,9 +17,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from segserve_server import __version__
+
+
+def _port(text: str) -> int | str:
+    """A port number, or "off" (kept as the string: the settings read it as disabled)."""
+    return "off" if text.lower() == "off" else int(text)
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +37,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-repository", type=Path, help="model repository folder")
     p.add_argument("--host", help="bind address (default 0.0.0.0)")
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks one)")
-    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9464)")
+    p.add_argument(
+        "--metrics-port", type=_port, help="Prometheus /metrics port (default 9464; off disables)"
+    )
     p.add_argument("--max-receive-message-bytes", type=int)
     p.add_argument("--max-image-pixels", type=int)
     p.add_argument("--worker-threads", type=int, help="decode/encode threads (default: CPUs)")
@@ -42,7 +47,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-timeout-s", type=float, help="grace period on SIGTERM")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     p.add_argument(
-        "--kserve-port", type=int, help="KServe v2 / Triton gRPC port (default 8001; 0 picks one)"
+        "--kserve-port",
+        type=_port,
+        help="KServe v2 / Triton gRPC port (default 8001; 0 picks one; off disables)",
     )
     p.add_argument(
         "--triton-url",
@@ -59,13 +66,13 @@ def _run_serve(args: argparse.Namespace) -> int:
     from segserve_server.settings import load_settings
 
     overrides = {
-        key: value
+        key: None if value == "off" else value
         for key, value in vars(args).items()
         if key not in ("command", "config", "handler") and value is not None
     }
     try:
         settings = load_settings(args.config, **overrides)
-    except (ValidationError, ValueError) as exc:
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
         print(f"segserve: invalid settings: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(

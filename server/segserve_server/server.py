@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -134,17 +135,21 @@ class Server:
             await self._stopped.wait()
             return
         grace_s = self.settings.drain_timeout_s if timeout_s is None else timeout_s
+        ends_s = time.monotonic() + grace_s
         log.info("draining (up to %.1fs)", grace_s)
         self._draining.set()
-        await self._set_health()
-        servers = [self._grpc] if self._kserve is None else [self._grpc, self._kserve]
-        await asyncio.gather(*(server.stop(grace_s) for server in servers))
-        await self.core.stop(timeout_s=grace_s)
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
-        self._stopped.set()
-        log.info("stopped")
+        try:
+            await self._set_health()
+            servers = [self._grpc] if self._kserve is None else [self._grpc, self._kserve]
+            await asyncio.gather(*(server.stop(grace_s) for server in servers))
+            # One budget for the whole drain: the models get what the RPCs left of it.
+            await self.core.stop(timeout_s=max(0.0, ends_s - time.monotonic()))
+        finally:
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
+                self._metrics_server.server_close()
+            self._stopped.set()
+            log.info("stopped")
 
     async def wait_for_termination(self) -> None:
         await self._stopped.wait()
@@ -152,10 +157,10 @@ class Server:
 
 def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
     address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
-    bound = server.add_insecure_port(address)
-    if bound == 0:
-        raise OSError(f"cannot bind gRPC port {address}")
-    return bound
+    try:
+        return server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot bind gRPC port {address}: {exc} (is it in use?)") from exc
 
 
 async def serve(settings: Settings) -> None:
@@ -163,6 +168,13 @@ async def serve(settings: Settings) -> None:
     server = Server(settings)
     await server.start()
     loop = asyncio.get_running_loop()
+    drains: set[asyncio.Task[None]] = set()  # a reference, so the drain is not collected midway
+
+    def drain() -> None:
+        task = asyncio.ensure_future(server.stop())
+        drains.add(task)
+        task.add_done_callback(drains.discard)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, lambda: asyncio.ensure_future(server.stop()))
+        loop.add_signal_handler(signum, drain)
     await server.wait_for_termination()

@@ -21,7 +21,9 @@ MIB = 1024 * 1024
 class Settings(BaseSettings):
     """Everything `segserve serve` can be told. Each field is also SEGSERVE_<FIELD_NAME>."""
 
-    model_config = SettingsConfigDict(env_prefix="SEGSERVE_", extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="SEGSERVE_", extra="forbid", env_parse_none_str="off"
+    )
 
     model_repository: Path = Path("model_repository")
     """The Triton-style model repository to serve (one folder per model)."""
@@ -33,7 +35,7 @@ class Settings(BaseSettings):
     """gRPC port of the segserve.v1 API, health and reflection; 0 picks a free port."""
 
     metrics_port: int | None = Field(9464, ge=0, le=65535)
-    """Port of the Prometheus /metrics HTTP endpoint; 0 picks a free port, unset disables it."""
+    """Port of the Prometheus /metrics HTTP endpoint; 0 picks a free port; "off" disables it."""
 
     kserve_port: int | None = Field(8001, ge=0, le=65535)
     """gRPC port of the KServe v2 / Triton protocol (inference.GRPCInferenceService, as Triton's
@@ -52,7 +54,7 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)
     """Images with more pixels (width * height) are refused before decoding."""
 
-    max_image_side: int = Field(16384, ge=1)
+    max_image_side: int = Field(16384, ge=1, le=65535)
     """Images wider or taller than this are refused before decoding."""
 
     worker_threads: int = Field(default_factory=lambda: os.cpu_count() or 2, ge=1)
@@ -63,7 +65,7 @@ class Settings(BaseSettings):
     single-threaded lane per core, one image each, and a lone request on all cores; elsewhere
     ONNX Runtime's own choice. A number: one session of that many threads, the config's batching."""
 
-    ort_providers: list[str] | None = None
+    ort_providers: Annotated[list[str] | None, NoDecode] = None
     """ONNX Runtime execution providers to use, overriding each model's config.pbtxt choice."""
 
     jpeg_dct_scaling: bool = True
@@ -111,6 +113,13 @@ class Settings(BaseSettings):
             raise ValueError(f"model repository {str(value)!r} is not a directory")
         return value
 
+    @field_validator("ort_providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
     @field_validator("triton_urls", mode="before")
     @classmethod
     def _split_urls(cls, value: object) -> object:
@@ -146,7 +155,9 @@ class Settings(BaseSettings):
 
 
 def load_settings(config_file: Path | None = None, **overrides: object) -> Settings:
-    """Builds settings from `overrides` (flags), then the environment, then `config_file`."""
+    """Builds settings from `overrides` (flags), then the environment, then `config_file`.
+
+    Only the settings given are overridden; an override of None means "off" (e.g. a port)."""
     settings_cls = Settings
     if config_file is not None:
         if not config_file.is_file():
@@ -156,5 +167,4 @@ def load_settings(config_file: Path | None = None, **overrides: object) -> Setti
             model_config = SettingsConfigDict(toml_file=config_file)
 
         settings_cls = FileSettings
-    given = {key: value for key, value in overrides.items() if value is not None}
-    return settings_cls(**given)  # type: ignore[arg-type]
+    return settings_cls(**overrides)  # type: ignore[arg-type]
