@@ -44,6 +44,9 @@ class TritonPythonModel:
         options.intra_op_num_threads = int(params.get("ort_threads", "0"))
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # As segserve's own backend (backends/onnxruntime.py): idle threads do not spin, so
+        # the comparison runs both sides under the same thread behaviour.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(
             str(model_dir / str(versions[-1]) / self._config.model_filename),
             sess_options=options,

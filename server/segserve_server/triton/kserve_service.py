@@ -4,8 +4,9 @@ Converts the protocol's messages (the generated code tritonclient ships, tritonc
 service_pb2) to numpy tensors and calls `tensor_api.TensorAPI`; nothing else. Implemented:
 ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata, ModelConfig, ModelInfer,
 ModelStreamInfer, RepositoryIndex, ModelStatistics. Every other method answers UNIMPLEMENTED
-with a message. SegserveError becomes a gRPC status in `kserve_handler` only; in a stream, a
-failed request gets its status name and message in `error_message` and the stream goes on.
+with a message. SegserveError becomes a gRPC status in `kserve_handler` only, and any other
+exception is logged and becomes INTERNAL; in a stream, a failed request gets its status name and
+message in `error_message` ("INTERNAL: ..." for an unexpected exception) and the stream goes on.
 
 Tensors arrive in `raw_input_contents` (one entry per input, BYTES elements each prefixed by
 their little-endian uint32 length) or in the typed `contents` fields; answers always use
@@ -87,10 +88,6 @@ def parameter_value(parameter: kserve.InferParameter) -> str | int | bool | floa
     return getattr(parameter, kind) if kind is not None else ""
 
 
-def _count(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)
-
-
 def _bytes_elements(data: bytes, name: str, count: int) -> np.ndarray:
     """Length-prefixed BYTES elements, exactly `count` of them, as an object array."""
     elements: list[bytes] = []
@@ -144,7 +141,7 @@ def decode_inputs(
             )
         shape = spec.check(tensor.datatype, tensor.shape)
         dtype = DATATYPES[spec.datatype]
-        count = _count(shape)
+        count = math.prod(shape)
         if raw:
             data = raw[index]
             if spec.datatype == "BYTES":
@@ -238,7 +235,7 @@ def _duration(duration: Any) -> kserve.StatisticDuration:
     return kserve.StatisticDuration(count=duration.count, ns=round(duration.seconds * 1e9))
 
 
-# The gRPC glue: one place where SegserveError becomes a status.
+# The gRPC glue: one place where SegserveError (or an unexpected exception) becomes a status.
 
 
 def _parse(message_cls: type[Message], data: bytes) -> Any:
@@ -252,7 +249,8 @@ def _parse(message_cls: type[Message], data: bytes) -> Any:
 
 def kserve_handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
     """Handlers for every method of inference.GRPCInferenceService; requests are parsed here so
-    that a malformed message is INVALID_ARGUMENT, and every SegserveError becomes its code."""
+    that a malformed message is INVALID_ARGUMENT, every SegserveError becomes its code, and any
+    other exception is logged and becomes INTERNAL."""
     handlers = {}
     for method in SERVICE.methods:
         request_cls = getattr(kserve, method.input_type.name)
@@ -290,8 +288,13 @@ def _unary(
     async def handle(data: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await behaviour(_parse(request_cls, data), context)
+        except grpc.aio.AbortError:
+            raise
         except SegserveError as exc:
             await context.abort(exc.code, exc.message)
+        except Exception as exc:
+            log.exception("KServe %s failed unexpectedly", behaviour.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
     return handle
 
@@ -480,18 +483,25 @@ class KServeServicer:
             request = _parse(kserve.ModelInferRequest, data)
             response = await self._infer(request, deadline_s)
         except SegserveError as exc:
-            failed = kserve.ModelInferResponse(
-                model_name=request.model_name, model_version=request.model_version, id=request.id
-            )
-            return kserve.ModelStreamInferResponse(
-                error_message=f"{exc.code.name}: {exc.message}", infer_response=failed
+            return _stream_error(request, f"{exc.code.name}: {exc.message}")
+        except Exception as exc:
+            log.exception("KServe stream request %r failed unexpectedly", request.id)
+            return _stream_error(
+                request, f"{grpc.StatusCode.INTERNAL.name}: {type(exc).__name__}: {exc}"
             )
         return kserve.ModelStreamInferResponse(infer_response=response)
 
     async def ModelStreamInfer(
         self, frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[kserve.ModelStreamInferResponse]:
-        """One answer per request, in request order; up to max_inflight_requests run at once.
+        """One answer per request, in request order.
+
+        Flow control: a request takes one of max_inflight_requests slots when it is read, and
+        gives it back only once its answer has been yielded and gRPC has resumed this generator,
+        i.e. the send completed (HTTP/2 flow control: the transport takes only what the client's
+        window allows). So at most max_inflight_requests requests are running or answered but
+        not sent at once, and a client that stops reading answers soon stops the server reading
+        (and running) its requests.
 
         A request that fails gets its error in `error_message` ("CODE: message") and the stream
         goes on. When the server drains, reading stops, every request read is answered, and the
@@ -516,10 +526,8 @@ class KServeServicer:
                         drained = True
                         return
                     assert isinstance(data, bytes)
-                    await slots.acquire()
-                    task = asyncio.create_task(self._stream_answer(data, deadline_s))
-                    task.add_done_callback(lambda _: slots.release())
-                    answers.put_nowait(task)
+                    await slots.acquire()  # given back by the consumer, once answer is sent
+                    answers.put_nowait(asyncio.create_task(self._stream_answer(data, deadline_s)))
             finally:
                 answers.put_nowait(None)
 
@@ -528,8 +536,10 @@ class KServeServicer:
         try:
             while (task := await answers.get()) is not None:
                 pending.append(task)
-                yield await task
+                answer = await task
                 pending.remove(task)
+                yield answer
+                slots.release()
             await reader_task
         finally:
             reader_task.cancel()
@@ -563,3 +573,12 @@ class KServeServicer:
 
 
 _DRAINED = object()
+
+
+def _stream_error(
+    request: kserve.ModelInferRequest, message: str
+) -> kserve.ModelStreamInferResponse:
+    failed = kserve.ModelInferResponse(
+        model_name=request.model_name, model_version=request.model_version, id=request.id
+    )
+    return kserve.ModelStreamInferResponse(error_message=message, infer_response=failed)

@@ -33,6 +33,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from segserve_server.core import MaskEncoding, SegmentationCore, SegmentInput, SegmentOutput
 from segserve_server.errors import (
     DeadlineExceeded,
+    InferenceFailed,
     InvalidArgument,
     ModelNotFound,
     SegserveError,
@@ -265,7 +266,11 @@ class TensorAPI:
     # Inference.
 
     async def infer(self, request: InferRequest, deadline_s: float | None) -> InferResult:
-        """Runs one request; raises SegserveError subclasses naming what is wrong."""
+        """Runs one request; raises SegserveError subclasses naming what is wrong.
+
+        An unexpected exception is logged with its traceback and raised as InferenceFailed
+        (INTERNAL), as core.segment does for the image path.
+        """
         started = time.perf_counter()
         route = self.route(request.route)
         version = self.ready_version(route, request.version)
@@ -286,6 +291,12 @@ class TensorAPI:
         except (SegserveError, asyncio.CancelledError):
             stats.fail.add(time.perf_counter() - started)
             raise
+        except Exception as exc:
+            stats.fail.add(time.perf_counter() - started)
+            log.exception("model %s: request failed unexpectedly", route.name)
+            raise InferenceFailed(
+                f"model {route.name!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc
         stats.success.add(time.perf_counter() - started)
         stats.last_inference_ms = int(time.time() * 1000)
         return InferResult(route.name, version.version, outputs)
@@ -353,6 +364,9 @@ class TensorAPI:
             raise
         except asyncio.CancelledError:
             code = "CANCELLED"
+            raise
+        except Exception:
+            code = "INTERNAL"
             raise
         finally:
             self._core.metrics.inflight.labels(config.name).dec()
