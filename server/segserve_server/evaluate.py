@@ -14,7 +14,7 @@ Through a server, every image goes as its file bytes, unchanged, through the cli
 (a few requests in flight); the mask comes back at the image's size. `--offline` computes the
 same in-process with ONNX Runtime and the server's own code: imaging.decode,
 preprocess.Preprocessor, the server's ONNX Runtime backend built from the model's config.pbtxt,
-postprocess.to_label_map and resize_labels. The two must agree (serving parity). torch is not
+postprocess.label_map (to_label_map, then resize_labels). The two must agree (serving parity). torch is not
 needed for either.
 """
 
@@ -43,7 +43,7 @@ class EvalError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# Metrics
+# Metrics (also model selection in training/train.py: one definition of IoU and mIoU)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -406,8 +406,9 @@ class OfflineModel:
             min_size=min_size,
         )
         output = self.backend.infer(self.preprocess(decoded)[np.newaxis])[0]
-        labels = postprocess.to_label_map(output, config)
-        return postprocess.resize_labels(labels, decoded.original_width, decoded.original_height)
+        return postprocess.label_map(
+            output, config, decoded.original_width, decoded.original_height
+        )
 
 
 def evaluate_offline(

@@ -36,6 +36,13 @@ def resize_labels(labels: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
 
 
+def label_map(output: np.ndarray, config: ModelConfig, width: int, height: int) -> np.ndarray:
+    """One image's model output as the (height, width) uint8 label map the server answers with:
+    to_label_map, then resize_labels. The single definition of that step for serving and
+    `segserve eval --offline`."""
+    return resize_labels(to_label_map(output, config), width, height)
+
+
 def class_pixel_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Pixels per class id: at least num_classes entries, more if a larger id occurs."""
     histogram = cv2.calcHist([labels], [0], None, [256], [0, 256]).reshape(-1).astype(np.int64)

@@ -6,7 +6,8 @@ Layout expected under ``root`` (see ``../shared/data/camvid/README.md``)::
     val/   valannot/     101 frames, used for model selection and reporting
 
 Label ids are 0..10 (see :data:`CLASS_NAMES`); 11 is void and is ignored in the
-loss and the metrics.  Frames are 480x360 (W x H).
+loss and the metrics (the metrics are :mod:`segserve_server.evaluate`'s, the same as
+``segserve eval``).  Frames are 480x360 (W x H).
 
 Images are fed to the networks as float32 RGB in 0..1 scale, normalised with
 :data:`MEAN` / :data:`STD` (the ImageNet statistics); the training checkpoint
@@ -36,8 +37,6 @@ __all__ = [
     "STD",
     "Augment",
     "class_weights",
-    "confusion_matrix",
-    "iou_from_confusion",
     "load_split",
     "normalize",
 ]
@@ -166,18 +165,3 @@ def class_weights(labels: np.ndarray, mode: str = "sqrt-median") -> np.ndarray:
     if mode == "sqrt-median":
         w = np.sqrt(w)
     return w.astype(np.float32)
-
-
-def confusion_matrix(pred: np.ndarray, label: np.ndarray) -> np.ndarray:
-    """(NUM_CLASSES, NUM_CLASSES) counts, rows = ground truth; void pixels skipped."""
-    valid = label < NUM_CLASSES
-    idx = label[valid].astype(np.int64) * NUM_CLASSES + pred[valid].astype(np.int64)
-    return np.bincount(idx, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
-
-
-def iou_from_confusion(conf: np.ndarray) -> np.ndarray:
-    """Per-class IoU (NaN for classes absent from both prediction and ground truth)."""
-    tp = np.diag(conf).astype(np.float64)
-    union = conf.sum(0) + conf.sum(1) - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, tp / union, np.nan)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..evaluate import Scores, confusion_matrix
 from . import data
 from .models import MODELS, build_model
 
@@ -111,7 +112,7 @@ def evaluate(
         ]
         x = torch.from_numpy(data.normalize(np.stack([p[0] for p in pairs])))
         pred = model(x.contiguous(memory_format=torch.channels_last)).argmax(1).numpy()
-        conf += data.confusion_matrix(pred, np.stack([p[1] for p in pairs]))
+        conf += confusion_matrix(pred, np.stack([p[1] for p in pairs]), data.NUM_CLASSES)
     return conf
 
 
@@ -238,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         if epoch % args.eval_every == 0 or epoch == args.epochs:
             t1 = time.time()
-            iou = data.iou_from_confusion(evaluate(model, val_x, val_y, size))
-            miou = float(np.nanmean(iou))
+            scores = Scores.from_confusion(evaluate(model, val_x, val_y, size))
+            iou, miou = scores.iou, scores.miou  # the definition `segserve eval` reports
             record.update(
                 val_miou=miou,
                 val_iou={n: round(float(v), 4) for n, v in zip(data.CLASS_NAMES, iou, strict=True)},
