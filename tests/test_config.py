@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from segserve_server.cpus import available_cpus, cgroup_cpu_quota
 from segserve_server.errors import ModelConfigError
 from segserve_server.model_repository import parse_config, scan_repository
 from segserve_server.settings import load_settings
@@ -112,3 +113,18 @@ def test_generated_protobuf_code_is_current():
         text=True,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_cpu_count_follows_the_container_quota(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_quota(tmp_path) == 2
+    assert available_cpus(tmp_path) <= 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(tmp_path) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_quota(tmp_path) == 3
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_quota(tmp_path) is None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -14,6 +13,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from segserve_server.cpus import available_cpus
 
 MIB = 1024 * 1024
 
@@ -57,8 +58,9 @@ class Settings(BaseSettings):
     max_image_side: int = Field(16384, ge=1, le=65535)
     """Images wider or taller than this are refused before decoding."""
 
-    worker_threads: int = Field(default_factory=lambda: os.cpu_count() or 2, ge=1)
-    """Threads that decode, preprocess, postprocess and encode (they release the GIL)."""
+    worker_threads: int = Field(default_factory=available_cpus, ge=1)
+    """Threads that decode, preprocess, postprocess and encode (they release the GIL); default:
+    the cores this process may use (affinity, capped by a container's CPU quota)."""
 
     ort_intra_op_threads: int = Field(0, ge=0)
     """ONNX Runtime intra-op threads per model instance. 0 (the default): on the CPU, one

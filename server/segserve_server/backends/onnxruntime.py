@@ -14,7 +14,6 @@ cores are shared with decoding and encoding, and spinning burned 5 ms of CPU per
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from segserve_server.backends.base import Backend
+from segserve_server.cpus import available_cpus
 from segserve_server.errors import ModelConfigError
 from segserve_server.model_repository import ModelConfig
 from segserve_server.settings import Settings
@@ -51,11 +51,8 @@ def choose_providers(config: ModelConfig, settings: Settings) -> list[str]:
 
 
 def cpu_count() -> int:
-    """Cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    """Cores this process may run on (affinity, capped by a container's CPU quota)."""
+    return available_cpus()
 
 
 class OnnxRuntimeBackend(Backend):
