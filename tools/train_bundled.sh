@@ -38,7 +38,8 @@ train() {  # train <model> <epochs>
 
 # What the bundled models got (2026-11-23): deeplabv3plus ran epochs 1-62 of this 150-epoch
 # schedule and was stopped there to fit the session; its best val mIoU, 0.6207 at epoch 55, is
-# the bundled deeplabv3plus_camvid. unet was then trained with a 45-epoch schedule.
+# the bundled deeplabv3plus_camvid. unet was then trained with a 45-epoch schedule, stopped
+# after epoch 38; its best, 0.6232 at epoch 35, is the bundled unet_camvid.
 # Resuming continues each run from runs/<model>/last.pt.
 train deeplabv3plus 150   # the cheap one: ~25 ms/frame in onnxruntime on 2 threads
 train unet 45             # ~110 ms/frame
