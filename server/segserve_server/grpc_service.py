@@ -7,7 +7,6 @@ it, stream frames carry it as FrameError.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +20,7 @@ from segserve_server.core import MaskEncoding, SegmentationCore, SegmentInput, S
 from segserve_server.errors import InferenceFailed, InvalidArgument, ModelNotFound, SegserveError
 from segserve_server.imaging import RawPixels
 from segserve_server.models import Model, ModelState, ModelVersion
+from segserve_server.ordered_stream import StreamDrained, ordered_answers
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
@@ -271,76 +271,24 @@ class SegmentationServicer:
         request_iterator: AsyncIterator[pb.SegmentStreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.SegmentStreamResponse]:
-        """Reads frames while answering earlier ones; answers leave in arrival order.
-
-        At most max_inflight_frames frames are read and not yet answered (processing, or done
-        and waiting to be sent); beyond that the reader waits, and gRPC flow control holds the
-        client back, also when the client is slow to read its answers. When the server drains, reading stops, every
-        frame already read is answered, and the stream ends with UNAVAILABLE.
+        """Answers frames in arrival order while later ones run (see ordered_answers): at most
+        max_inflight_frames frames read and not yet answered. When the server drains, reading
+        stops, every frame already read is answered, and the stream ends with UNAVAILABLE.
         """
         deadline_s = deadline_of(context)
-        slots = asyncio.Semaphore(self._max_inflight_frames)
-        answers: asyncio.Queue[asyncio.Task[pb.SegmentStreamResponse] | None] = asyncio.Queue()
-        drained = False
-
-        async def read_frames() -> None:
-            nonlocal drained
-            frames = aiter(request_iterator)
-            try:
-                while True:
-                    frame = await self._next_or_drain(frames)
-                    if frame is None:
-                        return
-                    if isinstance(frame, _Drained):
-                        drained = True
-                        return
-                    await slots.acquire()
-                    answers.put_nowait(asyncio.create_task(self._frame(frame, deadline_s)))
-            finally:
-                answers.put_nowait(None)
-
-        reader = asyncio.create_task(read_frames())
-        pending: list[asyncio.Task[pb.SegmentStreamResponse]] = []
         try:
-            while (task := await answers.get()) is not None:
-                pending.append(task)
-                answer = await task
+            async for answer in ordered_answers(
+                request_iterator,
+                lambda frame: self._frame(frame, deadline_s),
+                max_inflight=self._max_inflight_frames,
+                draining=self.draining,
+            ):
                 yield answer
-                pending.remove(task)
-                slots.release()  # only once its answer is sent
-            await reader
-        finally:
-            reader.cancel()
-            for task in pending:
-                task.cancel()
-            while not answers.empty():
-                leftover = answers.get_nowait()
-                if leftover is not None:
-                    leftover.cancel()
-        if drained:
+        except StreamDrained:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 "server is draining: every frame read was answered; send the rest to another replica",
             )
-
-    async def _next_or_drain(
-        self, frames: AsyncIterator[pb.SegmentStreamRequest]
-    ) -> pb.SegmentStreamRequest | _Drained | None:
-        """The next frame, None at the end of the stream, or _Drained if the server drains first."""
-        read = asyncio.ensure_future(anext(frames, None))
-        if self.draining is None:
-            return await read
-        drained = asyncio.ensure_future(self.draining.wait())
-        try:
-            done, _ = await asyncio.wait({read, drained}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            drained.cancel()
-        if read in done:
-            return read.result()
-        read.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await read
-        return _Drained()
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -378,7 +326,3 @@ class SegmentationServicer:
                     f"(loaded: {sorted(model.versions)})"
                 )
         return model_info(model, version)
-
-
-class _Drained:
-    """Marks that the server began draining before the next frame was read."""

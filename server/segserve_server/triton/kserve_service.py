@@ -16,7 +16,6 @@ their little-endian uint32 length) or in the typed `contents` fields; answers al
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import struct
@@ -32,6 +31,7 @@ from tritonclient.grpc import service_pb2 as kserve
 from segserve_server import __version__
 from segserve_server.errors import InvalidArgument, ModelUnavailable, SegserveError
 from segserve_server.models import ModelState
+from segserve_server.ordered_stream import StreamDrained, ordered_answers
 from segserve_server.triton.tensor_api import (
     DATATYPES,
     InferRequest,
@@ -508,71 +508,19 @@ class KServeServicer:
         stream ends with UNAVAILABLE.
         """
         deadline_s = _deadline_of(context)
-        slots = asyncio.Semaphore(self._max_inflight)
-        answers: asyncio.Queue[asyncio.Task[kserve.ModelStreamInferResponse] | None] = (
-            asyncio.Queue()
-        )
-        drained = False
-
-        async def read_requests() -> None:
-            nonlocal drained
-            reader = aiter(frames)
-            try:
-                while True:
-                    data = await self._next_or_drain(reader)
-                    if data is None:
-                        return
-                    if data is _DRAINED:
-                        drained = True
-                        return
-                    assert isinstance(data, bytes)
-                    await slots.acquire()  # given back by the consumer, once answer is sent
-                    answers.put_nowait(asyncio.create_task(self._stream_answer(data, deadline_s)))
-            finally:
-                answers.put_nowait(None)
-
-        reader_task = asyncio.create_task(read_requests())
-        pending: list[asyncio.Task[kserve.ModelStreamInferResponse]] = []
         try:
-            while (task := await answers.get()) is not None:
-                pending.append(task)
-                answer = await task
-                pending.remove(task)
+            async for answer in ordered_answers(
+                frames,
+                lambda data: self._stream_answer(data, deadline_s),
+                max_inflight=self._max_inflight,
+                draining=self.draining,
+            ):
                 yield answer
-                slots.release()
-            await reader_task
-        finally:
-            reader_task.cancel()
-            for task in pending:
-                task.cancel()
-            while not answers.empty():
-                leftover = answers.get_nowait()
-                if leftover is not None:
-                    leftover.cancel()
-        if drained:
+        except StreamDrained:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 "server is draining: every request read was answered; send the rest to another replica",
             )
-
-    async def _next_or_drain(self, frames: AsyncIterator[bytes]) -> bytes | object | None:
-        read = asyncio.ensure_future(anext(frames, None))
-        if self.draining is None:
-            return await read
-        drained = asyncio.ensure_future(self.draining.wait())
-        try:
-            done, _ = await asyncio.wait({read, drained}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            drained.cancel()
-        if read in done:
-            return read.result()
-        read.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await read
-        return _DRAINED
-
-
-_DRAINED = object()
 
 
 def _stream_error(
