@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -302,28 +302,28 @@ class Batcher:
             except Exception:  # metrics must never fail requests already answered
                 log.exception("model %s: on_batch callback failed", self._name)
 
-    def _infer(self, tensors: list[np.ndarray]) -> np.ndarray:
-        """Runs in the model's executor: stacks the inputs, runs the backend, checks the size."""
+    @contextlib.contextmanager
+    def _backend_errors(self, count: int) -> Iterator[None]:
+        """A backend's SegserveErrors keep their code; anything else fails the batch (INTERNAL)."""
         try:
-            outputs = np.asarray(self._backend.infer(_stack(tensors)))
+            yield
         except SegserveError:
             raise
         except Exception as exc:
             raise InferenceFailed(
-                f"model {self._name} failed on a batch of {len(tensors)}: {exc}"
+                f"model {self._name} failed on a batch of {count}: {exc}"
             ) from exc
+
+    def _infer(self, tensors: list[np.ndarray]) -> np.ndarray:
+        """Runs in the model's executor: stacks the inputs, runs the backend, checks the size."""
+        with self._backend_errors(len(tensors)):
+            outputs = np.asarray(self._backend.infer(_stack(tensors)))
         return self._checked(outputs, len(tensors))
 
     async def _infer_async(self, tensors: list[np.ndarray]) -> np.ndarray:
-        """An asynchronous backend's batch, on the loop; its SegserveErrors keep their code."""
-        try:
+        """An asynchronous backend's batch, awaited on the loop."""
+        with self._backend_errors(len(tensors)):
             outputs = await self._backend.infer_async(np.stack(tensors))
-        except SegserveError:
-            raise
-        except Exception as exc:
-            raise InferenceFailed(
-                f"model {self._name} failed on a batch of {len(tensors)}: {exc}"
-            ) from exc
         return self._checked(outputs, len(tensors))
 
     def _checked(self, outputs: np.ndarray, count: int) -> np.ndarray:

@@ -150,30 +150,43 @@ class SegmentationCore:
         started = time.perf_counter()
         # Unknown names share one label: clients must not be able to mint metric series.
         label = request.model if request.model in self.models.models else UNKNOWN_MODEL_LABEL
+        try:
+            with self.counted(label):
+                try:
+                    with self._deadline_errors(deadline_s):
+                        async with asyncio.timeout_at(loop_deadline(deadline_s)):
+                            output = await self._segment(request, deadline_s)
+                except (SegserveError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:
+                    log.exception("segment of model %s failed unexpectedly", request.model)
+                    raise InferenceFailed(f"internal error: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.metrics.request_latency.labels(label).observe(time.perf_counter() - started)
+        output.timings.total = time.perf_counter() - started
+        for stage, seconds in output.timings.stages():
+            self.metrics.stage_latency.labels(label, stage).observe(seconds)
+        return output
+
+    @contextlib.contextmanager
+    def counted(self, label: str) -> Iterator[None]:
+        """Counts one request of model `label`: in flight while inside, then by status code."""
         code = "OK"
         self.metrics.inflight.labels(label).inc()
         try:
-            with self._deadline_errors(deadline_s):
-                async with asyncio.timeout_at(_loop_deadline(deadline_s)):
-                    output = await self._segment(request, deadline_s)
-            output.timings.total = time.perf_counter() - started
-            for stage, seconds in output.timings.stages():
-                self.metrics.stage_latency.labels(label, stage).observe(seconds)
-            return output
+            yield
         except SegserveError as exc:
             code = exc.code.name
             raise
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
-        except Exception as exc:
+        except Exception:
             code = "INTERNAL"
-            log.exception("segment of model %s failed unexpectedly", request.model)
-            raise InferenceFailed(f"internal error: {type(exc).__name__}: {exc}") from exc
+            raise
         finally:
             self.metrics.inflight.labels(label).dec()
             self.metrics.requests.labels(label, code).inc()
-            self.metrics.request_latency.labels(label).observe(time.perf_counter() - started)
 
     @contextlib.contextmanager
     def _deadline_errors(self, deadline_s: float | None) -> Iterator[None]:
@@ -311,7 +324,7 @@ def _check_output_shape(model_output: np.ndarray, config: ModelConfig) -> None:
         )
 
 
-def _loop_deadline(deadline_s: float | None) -> float | None:
+def loop_deadline(deadline_s: float | None) -> float | None:
     """asyncio's loop clock is time.monotonic() on every platform segserve runs on."""
     if deadline_s is None:
         return None

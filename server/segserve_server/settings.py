@@ -115,18 +115,12 @@ class Settings(BaseSettings):
             raise ValueError(f"model repository {str(value)!r} is not a directory")
         return value
 
-    @field_validator("ort_providers", mode="before")
+    @field_validator("ort_providers", "triton_urls", mode="before")
     @classmethod
-    def _split_providers(cls, value: object) -> object:
+    def _split_commas(cls, value: object) -> object:
+        """Lists from the environment or a flag come as "a,b,c"."""
         if isinstance(value, str):
-            return [name.strip() for name in value.split(",") if name.strip()]
-        return value
-
-    @field_validator("triton_urls", mode="before")
-    @classmethod
-    def _split_urls(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [url.strip() for url in value.split(",") if url.strip()]
+            return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
     @field_validator("triton_urls")

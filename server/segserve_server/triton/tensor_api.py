@@ -30,7 +30,13 @@ from typing import TypeVar
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from segserve_server.core import MaskEncoding, SegmentationCore, SegmentInput, SegmentOutput
+from segserve_server.core import (
+    MaskEncoding,
+    SegmentationCore,
+    SegmentInput,
+    SegmentOutput,
+    loop_deadline,
+)
 from segserve_server.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -347,30 +353,17 @@ class TensorAPI:
         deadline_s = _earliest(deadline_s, request.parameters)
         batcher = version.batcher
         assert batcher is not None
-        self._core.metrics.inflight.labels(config.name).inc()
-        code = "OK"
-        try:
-            async with asyncio.timeout_at(_loop_time(deadline_s)):
-                outcomes = await _all(
-                    batcher.submit(np.ascontiguousarray(batch[i]), deadline_s) for i in range(count)
-                )
-        except TimeoutError as exc:
-            code = "DEADLINE_EXCEEDED"
-            raise DeadlineExceeded(
-                f"deadline exceeded before model {route.name!r} answered"
-            ) from exc
-        except SegserveError as exc:
-            code = exc.code.name
-            raise
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception:
-            code = "INTERNAL"
-            raise
-        finally:
-            self._core.metrics.inflight.labels(config.name).dec()
-            self._core.metrics.requests.labels(config.name, code).inc()
+        with self._core.counted(config.name):
+            try:
+                async with asyncio.timeout_at(loop_deadline(deadline_s)):
+                    outcomes = await _all(
+                        batcher.submit(np.ascontiguousarray(batch[i]), deadline_s)
+                        for i in range(count)
+                    )
+            except TimeoutError as exc:
+                raise DeadlineExceeded(
+                    f"deadline exceeded before model {route.name!r} answered"
+                ) from exc
         stats.inference_count += count
         stats.queue.add(max(o.queue_s for o in outcomes))
         stats.compute_infer.add(max(o.infer_s for o in outcomes))
@@ -435,13 +428,6 @@ class TensorAPI:
 
     def version_stats(self, route: Route, version: int) -> RouteStats:
         return self.stats.get((route.name, version), RouteStats())
-
-
-def _loop_time(deadline_s: float | None) -> float | None:
-    """A time.monotonic() deadline on the loop's clock (asyncio.timeout_at)."""
-    if deadline_s is None:
-        return None
-    return asyncio.get_running_loop().time() + (deadline_s - time.monotonic())
 
 
 def _dims(config: ModelConfig, dims: Iterable[int]) -> tuple[int, ...]:
