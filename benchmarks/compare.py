@@ -51,9 +51,10 @@ import onnxruntime as ort
 import simplejpeg
 
 from segserve_client import bench, masks
-from segserve_server import imaging, postprocess
 from segserve_server.model_repository import ModelConfig, parse_config
-from segserve_server.preprocess import Preprocessor
+from segserve_server.pipeline import decode as imaging
+from segserve_server.pipeline import postprocess
+from segserve_server.pipeline.preprocess import Preprocessor
 
 ROOT = Path(__file__).resolve().parent.parent
 TRITON_VENVS = (ROOT / ".venv-triton",)
@@ -233,7 +234,7 @@ def limit_of(
 def segserve_stage_cpu(frames: Frames, config: ModelConfig) -> dict[str, float]:
     """CPU milliseconds per frame (thread time) of segserve's own stages around the model, run
     here on the frames and their real model outputs: decode, preprocess, postprocess, encode."""
-    from segserve_server.core import MaskEncoding, finish_output
+    from segserve_server.core.service import MaskEncoding, finish_output
 
     preprocessor = Preprocessor(config)
     min_size = (config.input_width, config.input_height)

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from segserve.v1 import segserve_pb2_grpc as pb_grpc
 from segserve_server.server import Server
 from segserve_server.settings import Settings
-from segserve_server.synthetic_models import write_entry
+from tests.harness.synthetic_models import write_entry
 
 ROOT = Path(__file__).resolve().parent.parent
 CAMVID = Path(os.environ.get("SEGSERVE_CAMVID", ROOT.parent / "shared" / "data" / "camvid"))
@@ -185,7 +185,7 @@ def build_triton_source_repository(root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def triton_install():
-    from segserve_server.triton.local import TritonInstall, TritonUnavailable
+    from tests.harness.triton_local import TritonInstall, TritonUnavailable
 
     try:
         return TritonInstall.find(TRITON_VENV)
@@ -201,7 +201,7 @@ def triton_servers(triton_install, tmp_path_factory: pytest.TempPathFactory):
 
     A test may kill one; it must start it again (same port) before it ends.
     """
-    from segserve_server.triton.local import TritonProcess, write_python_backend_repository
+    from tests.harness.triton_local import TritonProcess, write_python_backend_repository
 
     source = build_triton_source_repository(tmp_path_factory.mktemp("triton-source"))
     repository = tmp_path_factory.mktemp("triton-repository")

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from segserve_server.backends.base import Backend
-from segserve_server.batcher import Batcher, plan_batch
 from segserve_server.errors import DeadlineExceeded, InferenceFailed, ModelUnavailable, QueueFull
 from segserve_server.model_repository import BatchingConfig
+from segserve_server.pipeline.batcher import Batcher, plan_batch
 
 pytestmark = pytest.mark.timeout(30)
 

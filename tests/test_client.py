@@ -12,8 +12,8 @@ import pytest
 from segserve_client import AsyncSegserveClient, FrameFailed, SegserveClient, SegserveError
 from segserve_client.cli import main as client_main
 from segserve_client.masks import decode_png
-from segserve_server.synthetic_models import COLOUR_PALETTE, expected_colour_labels
 from tests.conftest import H, W, encode, quadrant_image
+from tests.harness.synthetic_models import COLOUR_PALETTE, expected_colour_labels
 
 EXPECTED = expected_colour_labels(quadrant_image())
 

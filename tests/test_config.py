@@ -13,8 +13,8 @@ from segserve_server.cpus import available_cpus, cgroup_cpu_quota
 from segserve_server.errors import ModelConfigError
 from segserve_server.model_repository import parse_config, scan_repository
 from segserve_server.settings import load_settings
-from segserve_server.synthetic_models import config_pbtxt
 from tests.conftest import ROOT
+from tests.harness.synthetic_models import config_pbtxt
 
 
 def parse(text: str, tmp_path: Path, labels: str = "a\nb\nc\nd\ne\n"):

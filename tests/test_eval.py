@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from segserve_server import cli
-from segserve_server.evaluate import (
+from segserve_server.server import Server
+from segserve_server.training.evaluate import (
     EvalError,
     Scores,
     confusion_matrix,
@@ -24,9 +25,8 @@ from segserve_server.evaluate import (
     list_samples,
     resolve_dataset,
 )
-from segserve_server.server import Server
-from segserve_server.synthetic_models import expected_colour_labels
 from tests.conftest import CAMVID, ROOT, H, W, encode, make_settings, quadrant_image
+from tests.harness.synthetic_models import expected_colour_labels
 
 # --------------------------------------------------------------------------------------------
 # Arithmetic
@@ -113,7 +113,7 @@ def test_dataset_layouts(dataset, tmp_path: Path):
         list_samples(tmp_path / "images", tmp_path / "labels")
     _write_label(tmp_path / "labels" / "a.png", np.zeros((H, W, 3), np.uint8))
     with pytest.raises(EvalError, match="single-channel"):
-        from segserve_server.evaluate import read_label
+        from segserve_server.training.evaluate import read_label
 
         read_label(tmp_path / "labels" / "a.png")
 

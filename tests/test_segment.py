@@ -13,8 +13,8 @@ from segserve.v1 import segserve_pb2 as pb
 from segserve.v1 import segserve_pb2_grpc as pb_grpc
 from segserve_client.masks import decode_png, decode_srle
 from segserve_server.server import Server
-from segserve_server.synthetic_models import COLOUR_PALETTE, expected_colour_labels
 from tests.conftest import H, W, encode, make_settings, quadrant_image
+from tests.harness.synthetic_models import COLOUR_PALETTE, expected_colour_labels
 
 EXPECTED_QUADRANTS = expected_colour_labels(quadrant_image())
 

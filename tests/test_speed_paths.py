@@ -16,16 +16,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from segserve_server import imaging, postprocess
 from segserve_server.backends.base import Backend
 from segserve_server.backends.onnxruntime import OnnxRuntimeBackend, cpu_count
-from segserve_server.batcher import Batcher, _stack
 from segserve_server.model_repository import BatchingConfig, parse_config
-from segserve_server.preprocess import Preprocessor
-from segserve_server.synthetic_models import write_entry
+from segserve_server.pipeline import decode, postprocess
+from segserve_server.pipeline.batcher import Batcher, _stack
+from segserve_server.pipeline.preprocess import Preprocessor
 from tests.conftest import encode, make_settings, quadrant_image
+from tests.harness.synthetic_models import write_entry
 
-LIMITS = imaging.ImageLimits(40_000_000, 16384)
+LIMITS = decode.ImageLimits(40_000_000, 16384)
 
 
 @pytest.mark.parametrize(
@@ -40,15 +40,15 @@ LIMITS = imaging.ImageLimits(40_000_000, 16384)
     ],
 )
 def test_dct_scaled_size(size, min_size, expected):
-    assert imaging.dct_scaled_size(*size, min_size) == expected
+    assert decode.dct_scaled_size(*size, min_size) == expected
 
 
 def test_jpeg_decodes_at_half_scale_and_keeps_its_size():
     big = cv2.resize(quadrant_image(), (1920, 1080), interpolation=cv2.INTER_NEAREST)
-    decoded = imaging.decode(encode(big, ".jpg"), LIMITS, min_size=(480, 360))
+    decoded = decode.decode(encode(big, ".jpg"), LIMITS, min_size=(480, 360))
     assert decoded.pixels.shape == (540, 960, 3)
     assert (decoded.original_width, decoded.original_height) == (1920, 1080)
-    full = imaging.decode(encode(big, ".jpg"), LIMITS)
+    full = decode.decode(encode(big, ".jpg"), LIMITS)
     assert full.pixels.shape == (1080, 1920, 3)
 
 
@@ -68,7 +68,7 @@ def test_preprocess_planes_match_the_formula(tmp_path, dtype, order):
     config = _config(tmp_path, dtype, order)
     rng = np.random.default_rng(1)
     rgb = rng.integers(0, 256, (72, 96, 3), dtype=np.uint8)
-    tensor = Preprocessor(config)(imaging.DecodedImage(rgb, "RGB", 96, 72, "raw RGB"))
+    tensor = Preprocessor(config)(decode.DecodedImage(rgb, "RGB", 96, 72, "raw RGB"))
     assert tensor.shape == (3, 36, 48) and tensor.dtype == config.input_dtype
     assert tensor.flags.c_contiguous
     resized = cv2.resize(rgb, (48, 36), interpolation=cv2.INTER_LINEAR)

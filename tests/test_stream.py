@@ -10,8 +10,8 @@ import pytest
 
 from segserve.v1 import segserve_pb2 as pb
 from segserve_client.masks import decode_srle
-from segserve_server.synthetic_models import expected_colour_labels
 from tests.conftest import encode, quadrant_image
+from tests.harness.synthetic_models import expected_colour_labels
 
 PNG = encode(quadrant_image())
 

@@ -20,16 +20,16 @@ from tritonclient.grpc import aio as ta
 from segserve.v1 import segserve_pb2 as pb
 from segserve.v1 import segserve_pb2_grpc as pb_grpc
 from segserve_server.backends.base import backend_name, create_backend
-from segserve_server.backends.triton import TritonBackend
+from segserve_server.backends.triton.backend import TritonBackend
+from segserve_server.backends.triton.pool import EndpointPool, EndpointState
+from segserve_server.core.models import ModelState
 from segserve_server.errors import InferenceFailed, ModelConfigError
 from segserve_server.model_repository import scan_repository
-from segserve_server.models import ModelState
 from segserve_server.server import Server
 from segserve_server.settings import load_settings
-from segserve_server.synthetic_models import expected_colour_labels, write_entry
-from segserve_server.triton.local import free_port
-from segserve_server.triton.pool import EndpointPool, EndpointState
 from tests.conftest import CAMVID, ROOT, H, W, encode, make_settings, quadrant_image
+from tests.harness.synthetic_models import expected_colour_labels, write_entry
+from tests.harness.triton_local import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

@@ -19,12 +19,12 @@ from tritonclient.grpc import service_pb2_grpc as kserve_grpc
 from tritonclient.utils import InferenceServerException
 
 from segserve_client import masks
+from segserve_server.adapters.kserve_v2 import KServeServicer, kserve_handler
+from segserve_server.core.tensors import InferRequest, InferResult, TensorAPI
 from segserve_server.errors import InferenceFailed
 from segserve_server.server import Server
-from segserve_server.synthetic_models import expected_colour_labels
-from segserve_server.triton.kserve_service import KServeServicer, kserve_handler
-from segserve_server.triton.tensor_api import InferRequest, InferResult, TensorAPI
 from tests.conftest import H, W, encode, make_settings, quadrant_image
+from tests.harness.synthetic_models import expected_colour_labels
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -18,12 +18,12 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from segserve_server.backends.base import create_backend
 from segserve_server.model_repository import scan_repository
-from segserve_server.triton.local import (
+from tests.conftest import ROOT, make_settings
+from tests.harness.triton_local import (
     TritonProcess,
     python_backend_config,
     write_python_backend_repository,
 )
-from tests.conftest import ROOT, make_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

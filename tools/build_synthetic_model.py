@@ -1,12 +1,12 @@
 """Writes the bundled synthetic test model, model_repository/synthetic_colour_classes.
 
-It is not trained: it labels pixels by dominant colour (see segserve_server.synthetic_models),
+It is not trained: it labels pixels by dominant colour (see tests.harness.synthetic_models),
 so the service can be tried end to end before any trained model is in the repository.
 """
 
 from pathlib import Path
 
-from segserve_server.synthetic_models import write_entry
+from tests.harness.synthetic_models import write_entry
 
 if __name__ == "__main__":
     root = Path(__file__).resolve().parent.parent / "model_repository"

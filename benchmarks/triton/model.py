@@ -31,9 +31,10 @@ class TritonPythonModel:
         root = Path(params["repo_root"])
         sys.path[:0] = [str(root / "server"), str(root / "clients")]
         from segserve_client import masks
-        from segserve_server import imaging, postprocess
         from segserve_server.model_repository import parse_config
-        from segserve_server.preprocess import Preprocessor
+        from segserve_server.pipeline import decode as imaging
+        from segserve_server.pipeline import postprocess
+        from segserve_server.pipeline.preprocess import Preprocessor
 
         self._imaging, self._postprocess, self._masks = imaging, postprocess, masks
         model_dir = Path(params["segserve_model_dir"])

@@ -101,7 +101,7 @@ def _needs_torch(command: str) -> int:
 def _run_delegated(command: str, argv: list[str]) -> int:
     prog = f"segserve {command}"
     if command == "eval":
-        from segserve_server import evaluate
+        from segserve_server.training import evaluate
 
         return evaluate.main(argv, prog=prog)
     try:

@@ -20,13 +20,13 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from segserve.v1 import segserve_pb2 as pb
-from segserve_server.core import SegmentationCore
-from segserve_server.grpc_service import SegmentationServicer, segmentation_handler
-from segserve_server.models import ModelState
+from segserve_server.adapters.kserve_v2 import SERVICE_NAME as KSERVE_SERVICE
+from segserve_server.adapters.kserve_v2 import KServeServicer, kserve_handler
+from segserve_server.adapters.segserve_v1 import SegmentationServicer, segmentation_handler
+from segserve_server.core.models import ModelState
+from segserve_server.core.service import SegmentationCore
+from segserve_server.core.tensors import TensorAPI
 from segserve_server.settings import Settings
-from segserve_server.triton.kserve_service import SERVICE_NAME as KSERVE_SERVICE
-from segserve_server.triton.kserve_service import KServeServicer, kserve_handler
-from segserve_server.triton.tensor_api import TensorAPI
 
 log = logging.getLogger(__name__)
 

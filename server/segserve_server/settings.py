@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -17,6 +18,16 @@ from pydantic_settings import (
 from segserve_server.cpus import available_cpus
 
 MIB = 1024 * 1024
+_URL = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+
+
+def check_url(url: str) -> str:
+    """A Triton gRPC address as tritonclient takes it: host:port (no scheme), [v6]:port."""
+    url = url.strip()
+    match = _URL.match(url)
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        raise ValueError(f"Triton URL {url!r} is not host:port (the server's gRPC port, no scheme)")
+    return url
 
 
 class Settings(BaseSettings):
@@ -126,8 +137,6 @@ class Settings(BaseSettings):
     @field_validator("triton_urls")
     @classmethod
     def _check_urls(cls, value: list[str]) -> list[str]:
-        from segserve_server.triton.pool import check_url
-
         return [check_url(url) for url in value]
 
     @field_validator("log_level", mode="before")

@@ -78,7 +78,7 @@ def backend_name(config: ModelConfig, settings: Settings) -> str:
 def create_backend(config: ModelConfig, version_dir: Path, settings: Settings) -> Backend:
     """Builds the backend the model's parameters and platform call for (not yet started)."""
     if backend_name(config, settings) == "triton":
-        from segserve_server.backends.triton import TritonBackend
+        from segserve_server.backends.triton.backend import TritonBackend
 
         return TritonBackend(config, int(version_dir.name), settings)
     if config.platform in ONNX_PLATFORMS:

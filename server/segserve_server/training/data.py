@@ -6,7 +6,7 @@ Layout expected under ``root`` (see ``../shared/data/camvid/README.md``)::
     val/   valannot/     101 frames, used for model selection and reporting
 
 Label ids are 0..10 (see :data:`CLASS_NAMES`); 11 is void and is ignored in the
-loss and the metrics (the metrics are :mod:`segserve_server.evaluate`'s, the same as
+loss and the metrics (the metrics are :mod:`segserve_server.training.evaluate`'s, the same as
 ``segserve eval``).  Frames are 480x360 (W x H).
 
 Images are fed to the networks as float32 RGB in 0..1 scale, normalised with

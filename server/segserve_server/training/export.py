@@ -50,7 +50,6 @@ from google.protobuf import text_format
 from torch import nn
 from tritonclient.grpc import model_config_pb2 as mc
 
-from segserve_server import imaging
 from segserve_server.errors import ModelConfigError, SegserveError
 from segserve_server.model_repository import (
     CONFIG_FILE,
@@ -60,7 +59,8 @@ from segserve_server.model_repository import (
     default_palette,
     parse_config,
 )
-from segserve_server.preprocess import Preprocessor
+from segserve_server.pipeline import decode
+from segserve_server.pipeline.preprocess import Preprocessor
 from segserve_server.training import data as camvid
 from segserve_server.training.onnx_export import check_against_torch, export_onnx, load_checkpoint
 
@@ -534,11 +534,11 @@ def check_batch(files: Sequence[Path], config: ModelConfig, count: int) -> np.nd
     """Up to `count` of `files`, spread evenly, decoded and preprocessed as the server does."""
     picks = sorted(set(np.linspace(0, len(files) - 1, min(count, len(files))).round().astype(int)))
     preprocess = Preprocessor(config)
-    limits = imaging.ImageLimits(max_pixels=1 << 31, max_side=1 << 16)
+    limits = decode.ImageLimits(max_pixels=1 << 31, max_side=1 << 16)
     tensors = []
     for i in picks:
         try:
-            decoded = imaging.decode(
+            decoded = decode.decode(
                 files[i].read_bytes(),
                 limits,
                 order="BGR" if config.channel_order == "BGR" else "RGB",

@@ -1,6 +1,6 @@
 """A Triton Python-backend model that runs the ONNX file beside it with onnxruntime.
 
-Copied by `segserve_server.triton.local.write_python_backend_repository` into each version
+Copied by `tests.harness.triton_local.write_python_backend_repository` into each version
 folder of a Triton repository, next to `model.onnx`, for Triton builds without the onnxruntime
 backend (the tritonserver bundled with nvidia-pytriton has only the Python backend). It runs
 inside Triton's Python stub, in the Triton venv (numpy < 2, onnxruntime), never in segserve.

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from segserve_client import masks
-from segserve_server import imaging, postprocess
+from segserve_server.core.models import ModelManager, ModelVersion
 from segserve_server.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -33,7 +33,7 @@ from segserve_server.errors import (
 )
 from segserve_server.metrics import STAGES, Metrics
 from segserve_server.model_repository import ModelConfig
-from segserve_server.models import ModelManager, ModelVersion
+from segserve_server.pipeline import decode, postprocess
 from segserve_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class SegmentInput:
     """One segmentation request, independent of the API it came through."""
 
     model: str
-    image: bytes | memoryview | imaging.RawPixels
+    image: bytes | memoryview | decode.RawPixels
     version: int = 0
     encodings: tuple[MaskEncoding, ...] = DEFAULT_ENCODINGS
     output_model_size: bool = False
@@ -124,7 +124,7 @@ class SegmentationCore:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.models = ModelManager(settings, self.metrics)
-        self._limits = imaging.ImageLimits(settings.max_image_pixels, settings.max_image_side)
+        self._limits = decode.ImageLimits(settings.max_image_pixels, settings.max_image_side)
 
     async def start(self) -> None:
         cv2.setNumThreads(1)  # requests run in parallel in the pool; no nested thread pools
@@ -219,7 +219,7 @@ class SegmentationCore:
 
     def _prepare(
         self,
-        image: bytes | memoryview | imaging.RawPixels,
+        image: bytes | memoryview | decode.RawPixels,
         model: ModelVersion,
         timings: StageTimings,
     ) -> tuple[np.ndarray, int, int]:
@@ -227,15 +227,15 @@ class SegmentationCore:
         config = model.config
         assert config is not None and model.preprocessor is not None
         watch = _Stopwatch()
-        if isinstance(image, imaging.RawPixels):
-            decoded = imaging.from_raw(image, self._limits)
+        if isinstance(image, decode.RawPixels):
+            decoded = decode.from_raw(image, self._limits)
         else:
             min_size = (
                 (config.input_width, config.input_height)
                 if self.settings.jpeg_dct_scaling
                 else None
             )
-            decoded = imaging.decode(
+            decoded = decode.decode(
                 image,
                 self._limits,
                 order="BGR" if config.channel_order == "BGR" else "RGB",

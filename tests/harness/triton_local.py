@@ -6,7 +6,7 @@ tritonserver image, whose onnxruntime backend loads the repository as it is.
 The Triton side needs numpy < 2, so it lives in a venv of its own (`make triton-env`, or
 tools/triton/setup_env.sh). Running it by hand:
 
-    python -m segserve_server.triton.local --repository model_repository --grpc-port 8001
+    python -m tests.harness.triton_local --repository model_repository --grpc-port 8001
 
 What makes the bundled binary work here (each seen to fail otherwise): the backend directory
 assembled from the wheel (`backends/python` plus the Python stub of the venv's Python version),
@@ -290,7 +290,7 @@ class TritonProcess:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m segserve_server.triton.local",
+        prog="python -m tests.harness.triton_local",
         description="Serve a segserve model repository with the tritonserver of a Triton venv "
         "(CPU, Python backend: ONNX models are wrapped to run with onnxruntime).",
     )

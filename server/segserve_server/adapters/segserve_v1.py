@@ -16,11 +16,11 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from segserve.v1 import segserve_pb2 as pb
-from segserve_server.core import MaskEncoding, SegmentationCore, SegmentInput, SegmentOutput
+from segserve_server.core.models import Model, ModelState, ModelVersion
+from segserve_server.core.service import MaskEncoding, SegmentationCore, SegmentInput, SegmentOutput
+from segserve_server.core.streams import StreamDrained, ordered_answers
 from segserve_server.errors import InferenceFailed, InvalidArgument, ModelNotFound, SegserveError
-from segserve_server.imaging import RawPixels
-from segserve_server.models import Model, ModelState, ModelVersion
-from segserve_server.ordered_stream import StreamDrained, ordered_answers
+from segserve_server.pipeline.decode import RawPixels
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from segserve_server.backends import Backend, create_backend
-from segserve_server.batcher import Batcher
 from segserve_server.errors import ModelConfigError, ModelNotFound, ModelUnavailable
 from segserve_server.metrics import Metrics
 from segserve_server.model_repository import ModelConfig, RepositoryEntry, scan_repository
-from segserve_server.preprocess import Preprocessor
+from segserve_server.pipeline.batcher import Batcher
+from segserve_server.pipeline.preprocess import Preprocessor
 from segserve_server.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from segserve_server.imaging import DecodedImage
 from segserve_server.model_repository import ModelConfig
+from segserve_server.pipeline.decode import DecodedImage
 
 
 class Preprocessor:

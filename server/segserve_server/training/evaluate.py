@@ -12,7 +12,7 @@ holding `--images-dir` and `--labels-dir` (default val and valannot).
 
 Through a server, every image goes as its file bytes, unchanged, through the client library
 (a few requests in flight); the mask comes back at the image's size. `--offline` computes the
-same in-process with ONNX Runtime and the server's own code: imaging.decode,
+same in-process with ONNX Runtime and the server's own code: decode.decode,
 preprocess.Preprocessor, the server's ONNX Runtime backend built from the model's config.pbtxt,
 postprocess.label_map (to_label_map, then resize_labels). The two must agree (serving parity). torch is not
 needed for either.
@@ -345,11 +345,11 @@ class OfflineModel:
     def __init__(
         self, repository: str | Path, model: str, version: int = 0, threads: int = 0
     ) -> None:
-        from segserve_server import imaging
         from segserve_server.backends.onnxruntime import OnnxRuntimeBackend
         from segserve_server.errors import ModelConfigError
         from segserve_server.model_repository import scan_repository
-        from segserve_server.preprocess import Preprocessor
+        from segserve_server.pipeline import decode
+        from segserve_server.pipeline.preprocess import Preprocessor
         from segserve_server.settings import load_settings
 
         repository = Path(repository)
@@ -387,19 +387,19 @@ class OfflineModel:
         self.config = entry.config
         self.version = version
         self.preprocess = Preprocessor(entry.config)
-        self.limits = imaging.ImageLimits(
+        self.limits = decode.ImageLimits(
             self.settings.max_image_pixels, self.settings.max_image_side
         )
 
     def segment(self, data: bytes) -> np.ndarray:
         """The label map the server would send for these image bytes (ORIGINAL output size)."""
-        from segserve_server import imaging, postprocess
+        from segserve_server.pipeline import decode, postprocess
 
         config = self.config
         min_size = (
             (config.input_width, config.input_height) if self.settings.jpeg_dct_scaling else None
         )
-        decoded = imaging.decode(
+        decoded = decode.decode(
             data,
             self.limits,
             order="BGR" if config.channel_order == "BGR" else "RGB",

@@ -2,7 +2,7 @@
 
 segserve keeps everything around the model (decode, preprocessing, dynamic batching and its
 queue policy, postprocessing, encoding) and sends each batch as a tensor over tritonclient's
-asyncio gRPC client to the pool's least-loaded live server (`segserve_server.triton.pool`).
+asyncio gRPC client to the pool's least-loaded live server (`segserve_server.backends.triton.pool`).
 
 Which models and which servers, from config.pbtxt `parameters` (string values):
 
@@ -33,10 +33,10 @@ from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from segserve_server.backends.base import Backend
+from segserve_server.backends.triton.pool import EndpointPool
 from segserve_server.errors import InferenceFailed, ModelConfigError, SegserveError
 from segserve_server.model_repository import ModelConfig
-from segserve_server.settings import Settings
-from segserve_server.triton.pool import EndpointPool, check_url
+from segserve_server.settings import Settings, check_url
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,8 @@ from typing import TypeVar
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from segserve_server.core import (
+from segserve_server.core.models import Model, ModelVersion
+from segserve_server.core.service import (
     MaskEncoding,
     SegmentationCore,
     SegmentInput,
@@ -45,7 +46,6 @@ from segserve_server.errors import (
     SegserveError,
 )
 from segserve_server.model_repository import ModelConfig
-from segserve_server.models import Model, ModelVersion
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

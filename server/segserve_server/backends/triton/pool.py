@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from segserve_server.errors import InferenceFailed, ModelUnavailable, QueueFull
+from segserve_server.settings import check_url
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,16 +46,6 @@ _CHANNEL_ARGS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-_URL = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
-
-
-def check_url(url: str) -> str:
-    """A Triton gRPC address as tritonclient takes it: host:port (no scheme), [v6]:port."""
-    url = url.strip()
-    match = _URL.match(url)
-    if match is None or not 0 < int(match.group(2)) < 65536:
-        raise ValueError(f"Triton URL {url!r} is not host:port (the server's gRPC port, no scheme)")
-    return url
 
 
 class EndpointState(enum.Enum):

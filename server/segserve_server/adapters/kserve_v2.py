@@ -29,10 +29,9 @@ from google.protobuf.message import DecodeError, Message
 from tritonclient.grpc import service_pb2 as kserve
 
 from segserve_server import __version__
-from segserve_server.errors import InvalidArgument, ModelUnavailable, SegserveError
-from segserve_server.models import ModelState
-from segserve_server.ordered_stream import StreamDrained, ordered_answers
-from segserve_server.triton.tensor_api import (
+from segserve_server.core.models import ModelState
+from segserve_server.core.streams import StreamDrained, ordered_answers
+from segserve_server.core.tensors import (
     DATATYPES,
     InferRequest,
     InferResult,
@@ -40,6 +39,7 @@ from segserve_server.triton.tensor_api import (
     TensorAPI,
     TensorSpec,
 )
+from segserve_server.errors import InvalidArgument, ModelUnavailable, SegserveError
 
 log = logging.getLogger(__name__)
 
