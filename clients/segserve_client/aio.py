@@ -36,6 +36,8 @@ from segserve_client.types import (
     stream_result,
 )
 
+__all__ = ["AsyncSegserveClient"]
+
 
 class AsyncSegserveClient:
     """An asyncio client of one segserve server; use it from the event loop that created it.
@@ -58,7 +60,8 @@ class AsyncSegserveClient:
             self._channel = grpc.aio.insecure_channel(target, options=options)
         else:
             self._channel = grpc.aio.secure_channel(target, credentials, options=options)
-        self._stub = pb_grpc.SegmentationStub(self._channel)
+        # The generated stub has no annotations (protoc's grpc plugin writes none).
+        self._stub = pb_grpc.SegmentationStub(self._channel)  # type: ignore[no-untyped-call]
 
     async def segment(
         self,

@@ -32,6 +32,19 @@ from segserve_client.masks import encode_png
 from segserve_client.overlay import color_table, load_image_rgb, overlay, save_image_rgb
 from segserve_client.types import ENCODINGS, OUTPUT_SIZES, ModelInfo, Segmentation
 
+__all__ = [
+    "COMMANDS",
+    "DEFAULT_SERVER",
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "SERVER_ENV",
+    "Command",
+    "UsageError",
+    "build_parser",
+    "main",
+]
+
 DEFAULT_SERVER = "localhost:50051"
 SERVER_ENV = "SEGSERVE_SERVER"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -316,7 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         with SegserveClient(args.server, timeout_s=args.timeout) as client:
-            return args.run(args, client)
+            run: Callable[[argparse.Namespace, SegserveClient], int] = args.run  # Command.run
+            return run(args, client)
     except UsageError as exc:
         return _fail(str(exc), EXIT_USAGE)
     except SegserveError as exc:

@@ -35,6 +35,8 @@ from segserve_client.types import (
     stream_result,
 )
 
+__all__ = ["SegserveClient"]
+
 
 class SegserveClient:
     """A blocking client of one segserve server, over one gRPC channel (thread-safe).
@@ -58,7 +60,8 @@ class SegserveClient:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
             self._channel = grpc.secure_channel(target, credentials, options=options)
-        self._stub = pb_grpc.SegmentationStub(self._channel)
+        # The generated stub has no annotations (protoc's grpc plugin writes none).
+        self._stub = pb_grpc.SegmentationStub(self._channel)  # type: ignore[no-untyped-call]
 
     def segment(
         self,

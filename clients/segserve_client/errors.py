@@ -12,6 +12,12 @@ from contextlib import contextmanager
 
 import grpc
 
+__all__ = [
+    "FrameFailed",
+    "SegserveError",
+    "status_code",
+]
+
 _CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 

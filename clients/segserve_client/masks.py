@@ -12,6 +12,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
+__all__ = [
+    "SRLE_CODEC_STORED",
+    "SRLE_CODEC_ZLIB",
+    "SRLE_MAGIC",
+    "SRLE_MAX_WIDTH",
+    "MaskDecodeError",
+    "decode_png",
+    "decode_srle",
+    "encode_png",
+    "encode_srle",
+]
+
 SRLE_MAGIC = b"SRL1"
 SRLE_CODEC_STORED = 0
 SRLE_CODEC_ZLIB = 1

@@ -14,6 +14,17 @@ from typing import TypeAlias
 
 import numpy as np
 
+__all__ = [
+    "Colors",
+    "color_table",
+    "colorize",
+    "default_colors",
+    "load_image_rgb",
+    "overlay",
+    "resize_nearest",
+    "save_image_rgb",
+]
+
 Colors: TypeAlias = np.ndarray | Sequence[tuple[int, int, int]]
 """Class colours indexed by class id: an (N, 3) array or a list of (r, g, b), N <= 256."""
 
@@ -51,7 +62,8 @@ def _check_labels(labels: np.ndarray) -> None:
 def colorize(labels: np.ndarray, colors: Colors | None = None) -> np.ndarray:
     """The (H, W, 3) uint8 RGB image of a (H, W) label map, each pixel its class's colour."""
     _check_labels(labels)
-    return color_table(colors)[labels]
+    painted: np.ndarray = color_table(colors)[labels]
+    return painted
 
 
 def resize_nearest(labels: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -61,9 +73,10 @@ def resize_nearest(labels: np.ndarray, height: int, width: int) -> np.ndarray:
         return labels
     rows = ((np.arange(height) + 0.5) * (labels.shape[0] / height)).astype(np.intp)
     cols = ((np.arange(width) + 0.5) * (labels.shape[1] / width)).astype(np.intp)
-    return labels[
+    resized: np.ndarray = labels[
         np.minimum(rows, labels.shape[0] - 1)[:, None], np.minimum(cols, labels.shape[1] - 1)
     ]
+    return resized
 
 
 def overlay(

@@ -23,6 +23,30 @@ from segserve.v1 import segserve_pb2 as pb
 from segserve_client.errors import FrameFailed, SegserveError, status_code
 from segserve_client.masks import MaskDecodeError, decode_png, decode_srle
 
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "ENCODINGS",
+    "OUTPUT_SIZES",
+    "PIXEL_FORMATS",
+    "BatchingInfo",
+    "Choice",
+    "ClassInfo",
+    "ClassPresence",
+    "Frame",
+    "ImageInput",
+    "ModelInfo",
+    "ModelSummary",
+    "SegmentOptions",
+    "Segmentation",
+    "StageTimings",
+    "StreamResult",
+    "channel_options",
+    "decode_mask",
+    "encoding_name",
+    "image_proto",
+    "raw_image",
+]
+
 ImageInput: TypeAlias = bytes | bytearray | memoryview | str | os.PathLike[str] | np.ndarray
 """Encoded image bytes (JPEG, PNG, WebP, BMP), a path to such a file, or a uint8 array of pixels:
 (H, W, 3) RGB or BGR (see `pixel_format`), or (H, W) grey."""
@@ -349,7 +373,8 @@ def stream_result(response: pb.SegmentStreamResponse, raise_errors: bool = False
 
 def _state_name(number: int) -> str:
     try:
-        return pb.ModelState.Name(number).removeprefix("MODEL_STATE_")
+        name: str = pb.ModelState.Name(number)
+        return name.removeprefix("MODEL_STATE_")
     except ValueError:
         return f"UNKNOWN_{number}"
 
