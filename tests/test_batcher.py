@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from segserve_server.backends.base import Backend
+from segserve_server.backends.base import SyncBackend
 from segserve_server.errors import DeadlineExceeded, InferenceFailed, ModelUnavailable, QueueFull
 from segserve_server.model_repository import BatchingConfig
 from segserve_server.pipeline.batcher import Batcher, plan_batch
@@ -22,7 +22,7 @@ from segserve_server.pipeline.batcher import Batcher, plan_batch
 pytestmark = pytest.mark.timeout(30)
 
 
-class GatedBackend(Backend):
+class GatedBackend(SyncBackend):
     """Answers each input x with x * 10; waits for `gate` before each batch; fails on -1 inputs."""
 
     def __init__(self, wrong_size: bool = False) -> None:

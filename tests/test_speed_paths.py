@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from segserve_server.backends.base import Backend
+from segserve_server.backends.base import SyncBackend
 from segserve_server.backends.onnxruntime import OnnxRuntimeBackend, cpu_count
 from segserve_server.model_repository import BatchingConfig, parse_config
 from segserve_server.pipeline import decode, postprocess
@@ -145,7 +145,7 @@ def test_cpu_lanes_when_threads_are_left_to_segserve(colour_model):
         np.testing.assert_array_equal(result, expected)
 
 
-class RecordingBackend(Backend):
+class RecordingBackend(SyncBackend):
     def __init__(self, limit: int | None) -> None:
         self._limit = limit
         self.sizes: list[int] = []

@@ -69,16 +69,24 @@ async def test_many_frames_in_flight(stub):
     assert [a.frame_id for a in answers] == list(range(40))
 
 
-async def test_malformed_frame_ends_the_stream_with_invalid_argument(channel):
+async def test_malformed_frame_is_answered_in_its_place_and_the_stream_goes_on(channel):
+    """The rule of both stream APIs: a frame that does not parse gets INVALID_ARGUMENT in its
+    place (frame_id 0: its id could not be read), in order, and later frames are answered."""
     call = channel.stream_stream("/segserve.v1.Segmentation/SegmentStream")(
-        iter([frame(1).SerializeToString(), b"\xff\xff\xff not a frame"])
+        iter(
+            [
+                frame(1).SerializeToString(),
+                b"\xff\xff\xff not a frame",
+                frame(3).SerializeToString(),
+            ]
+        )
     )
-    answers = []
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        async for answer in call:
-            answers.append(pb.SegmentStreamResponse.FromString(answer))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert [a.frame_id for a in answers] == [1]
+    answers = [pb.SegmentStreamResponse.FromString(answer) async for answer in call]
+    assert await call.code() == grpc.StatusCode.OK
+    assert [a.frame_id for a in answers] == [1, 0, 3]
+    assert [a.WhichOneof("result") for a in answers] == ["response", "error", "response"]
+    assert answers[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "not a valid segserve.v1.SegmentStreamRequest" in answers[1].error.message
 
 
 async def test_cancelled_stream_leaves_the_server_serving(stub):

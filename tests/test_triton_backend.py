@@ -19,7 +19,7 @@ from tritonclient.grpc import aio as ta
 
 from segserve.v1 import segserve_pb2 as pb
 from segserve.v1 import segserve_pb2_grpc as pb_grpc
-from segserve_server.backends.base import backend_name, create_backend
+from segserve_server.backends.factory import backend_name, create_backend
 from segserve_server.backends.triton.backend import TritonBackend
 from segserve_server.backends.triton.pool import EndpointPool, EndpointState
 from segserve_server.core.models import ModelState
@@ -249,18 +249,20 @@ async def test_failover_loses_no_request_and_the_server_is_readmitted(
 
 async def test_a_bad_request_does_not_eject_a_server(triton_servers):
     """Triton refusing a batch (INVALID_ARGUMENT) is the request's fault: no server ejected."""
-    pool = EndpointPool([t.url for t in triton_servers], "colour", "1", health_interval_s=0.2)
+    pool = EndpointPool(
+        [t.url for t in triton_servers], "colour", "1", timeout_s=10.0, health_interval_s=0.2
+    )
     await pool.start(ready_timeout_s=10)
     try:
         assert len(pool.live) == 2
 
-        async def wrong_shape(client: ta.InferenceServerClient) -> None:
+        async def wrong_shape(client: ta.InferenceServerClient, timeout_s: float) -> None:
             tensor = tg.InferInput("image", [1, 3, 5, 5], "FP32")
             tensor.set_data_from_numpy(np.zeros((1, 3, 5, 5), np.float32))
-            await client.infer("colour", [tensor], model_version="1")
+            await client.infer("colour", [tensor], model_version="1", client_timeout=timeout_s)
 
         with pytest.raises(InferenceFailed, match="INVALID_ARGUMENT"):
-            await pool.call(wrong_shape)
+            await pool.call(wrong_shape, None)
         assert len(pool.live) == 2 and pool.stats().ejections == 0
     finally:
         await pool.close()

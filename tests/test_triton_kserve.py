@@ -561,7 +561,7 @@ async def test_stream_reads_no_further_than_unsent_answers_allow(server):
             pulled += 1
             if pulled > limit:
                 pulled_past_limit.set()
-            yield raw_colour_request(str(i)).SerializeToString()
+            yield raw_colour_request(str(i))
 
     answers = servicer.ModelStreamInfer(frames(), FakeContext())
     first = await anext(answers)  # then hold: the answer stream is not read further
@@ -619,3 +619,23 @@ async def test_tensor_api_turns_unexpected_errors_into_inference_failed(server, 
     with pytest.raises(InferenceFailed, match="backend exploded"):
         await api.infer(InferRequest(route="colour", version=0, inputs={"image": x}), None)
     assert api.version_stats(api.route("colour"), 1).fail.count == 1
+
+
+async def test_malformed_stream_request_is_answered_in_its_place(kserve_url):
+    """The rule of both stream APIs: a request that does not parse gets INVALID_ARGUMENT in its
+    place, in order, and the stream goes on."""
+    frames = [
+        raw_colour_request("a").SerializeToString(),
+        b"\xff\xff\xff not a request",
+        raw_colour_request("c").SerializeToString(),
+    ]
+    async with grpc.aio.insecure_channel(kserve_url) as channel:
+        call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")(
+            iter(frames)
+        )
+        answers = [kserve.ModelStreamInferResponse.FromString(a) async for a in call]
+        assert await call.code() == grpc.StatusCode.OK
+    assert [a.infer_response.id for a in answers] == ["a", "", "c"]
+    assert answers[0].error_message == answers[2].error_message == ""
+    assert answers[1].error_message.startswith("INVALID_ARGUMENT: ")
+    assert "not a valid inference.ModelInferRequest" in answers[1].error_message

@@ -16,7 +16,7 @@ import tritonclient.grpc as tg
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from segserve_server.backends.base import create_backend
+from segserve_server.backends.factory import create_backend
 from segserve_server.model_repository import scan_repository
 from tests.conftest import ROOT, make_settings
 from tests.harness.triton_local import (

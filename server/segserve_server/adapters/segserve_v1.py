@@ -1,29 +1,41 @@
-"""The segserve.v1 gRPC servicer: converts protobuf to and from the core, nothing more.
+"""The segserve.v1 gRPC adapter: converts protobuf to and from the core, nothing more.
 
-SegserveError becomes a gRPC status here and only here (`_status_of`): unary calls abort with
-it, stream frames carry it as FrameError.
+Parsing, deadlines and the conversion of SegserveError to a status are `grpc_helpers`': unary
+calls abort with the status, stream frames carry it as FrameError. A stream frame that does not
+parse is answered in its place with FrameError INVALID_ARGUMENT and frame_id 0 (its id could not
+be read), and the stream goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf.message import DecodeError, Message
 
 from segserve.v1 import segserve_pb2 as pb
+from segserve_server.adapters.grpc_helpers import (
+    as_segserve_error,
+    deadline_of,
+    handler_table,
+    ordered_stream,
+)
 from segserve_server.core.models import Model, ModelState, ModelVersion
-from segserve_server.core.service import MaskEncoding, SegmentationCore, SegmentInput, SegmentOutput
-from segserve_server.core.streams import StreamDrained, ordered_answers
-from segserve_server.errors import InferenceFailed, InvalidArgument, ModelNotFound, SegserveError
+from segserve_server.core.requests import MaskEncoding, SegmentInput, SegmentOutput
+from segserve_server.core.service import SegmentationCore
+from segserve_server.errors import InvalidArgument, ModelNotFound, SegserveError
 from segserve_server.pipeline.decode import RawPixels
 
-log = logging.getLogger(__name__)
-M = TypeVar("M", bound=Message)
+__all__ = [
+    "SegmentationServicer",
+    "model_info",
+    "model_summary",
+    "segmentation_handler",
+    "to_segment_input",
+    "to_segment_response",
+]
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Segmentation"]
 
 _ENCODINGS = {
     pb.MASK_ENCODING_SRLE: MaskEncoding.SRLE,
@@ -42,26 +54,6 @@ _STATES = {
     ModelState.FAILED: pb.MODEL_STATE_FAILED,
     ModelState.UNLOADED: pb.MODEL_STATE_UNLOADED,
 }
-
-
-def _status_of(exc: SegserveError) -> tuple[grpc.StatusCode, str]:
-    return exc.code, exc.message
-
-
-def _as_segserve_error(exc: Exception) -> SegserveError:
-    """A SegserveError as it is; anything else is a bug of ours: logged, then INTERNAL."""
-    if isinstance(exc, SegserveError):
-        return exc
-    if isinstance(exc, grpc.aio.AbortError):
-        raise exc  # context.abort was already called
-    log.exception("unexpected error in a segserve.v1 handler")
-    return InferenceFailed(f"internal error: {type(exc).__name__}: {exc}")
-
-
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The call's deadline on the time.monotonic() clock, or None."""
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
 
 
 def to_segment_input(request: pb.SegmentRequest) -> SegmentInput:
@@ -152,8 +144,8 @@ def model_info(model: Model, version: ModelVersion | None) -> pb.ModelInfo:
         state=_STATES[version.state if version else model.state],
         reason=version.reason if version else model.reason,
     )
-    if version is not None and version.backend is not None:
-        info.backend = version.backend.description
+    if version is not None and version.ready is not None:
+        info.backend = version.ready.backend.description
     if config is None:
         return info
     batching = config.batching
@@ -176,67 +168,14 @@ def model_info(model: Model, version: ModelVersion | None) -> pb.ModelInfo:
     return info
 
 
-def _parse(message_cls: type[M], data: bytes) -> M:
-    try:
-        return message_cls.FromString(data)
-    except DecodeError as exc:
-        raise InvalidArgument(
-            f"request is not a valid {message_cls.DESCRIPTOR.full_name} message: {exc}"
-        ) from exc
-
-
 def segmentation_handler(servicer: SegmentationServicer) -> grpc.GenericRpcHandler:
-    """gRPC handlers for segserve.v1.Segmentation, with the one place errors become statuses.
-
-    Requests arrive as bytes and are parsed here, so that a message of the wrong type is
-    INVALID_ARGUMENT rather than gRPC's UNKNOWN; every SegserveError becomes its status code.
-    """
-    service = pb.DESCRIPTOR.services_by_name["Segmentation"]
-    handlers = {}
-    for method in service.methods:
-        request_cls = getattr(pb, method.input_type.name)
-        behaviour = getattr(servicer, method.name)
-        serialize = getattr(pb, method.output_type.name).SerializeToString
-        if method.client_streaming:
-            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                _streaming(request_cls, behaviour), response_serializer=serialize
-            )
-        else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _unary(request_cls, behaviour), response_serializer=serialize
-            )
-    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+    """gRPC handlers for segserve.v1.Segmentation (see grpc_helpers.handler_table)."""
+    return handler_table(SERVICE, pb, servicer)
 
 
-def _unary(
-    request_cls: type[M], behaviour: Callable[..., Awaitable[Any]]
-) -> Callable[..., Awaitable[Any]]:
-    async def handle(data: bytes, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await behaviour(_parse(request_cls, data), context)
-        except Exception as exc:
-            await context.abort(*_status_of(_as_segserve_error(exc)))
-
-    return handle
-
-
-def _streaming(
-    request_cls: type[M], behaviour: Callable[..., AsyncIterator[Any]]
-) -> Callable[..., AsyncIterator[Any]]:
-    async def handle(
-        frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Any]:
-        async def parsed() -> AsyncIterator[M]:
-            async for data in frames:
-                yield _parse(request_cls, data)
-
-        try:
-            async for answer in behaviour(parsed(), context):
-                yield answer
-        except Exception as exc:
-            await context.abort(*_status_of(_as_segserve_error(exc)))
-
-    return handle
+def _frame_error(frame_id: int, error: SegserveError) -> pb.SegmentStreamResponse:
+    failure = pb.FrameError(code=error.code.value[0], message=error.message)
+    return pb.SegmentStreamResponse(frame_id=frame_id, error=failure)
 
 
 class SegmentationServicer:
@@ -254,21 +193,21 @@ class SegmentationServicer:
         return to_segment_response(output)
 
     async def _frame(
-        self, frame: pb.SegmentStreamRequest, deadline_s: float | None
+        self, frame: pb.SegmentStreamRequest | InvalidArgument, deadline_s: float | None
     ) -> pb.SegmentStreamResponse:
+        if isinstance(frame, InvalidArgument):
+            return _frame_error(0, frame)
         try:
             output = await self._core.segment(to_segment_input(frame.request), deadline_s)
         except Exception as exc:
-            code, message = _status_of(_as_segserve_error(exc))
-            error = pb.FrameError(code=code.value[0], message=message)
-            return pb.SegmentStreamResponse(frame_id=frame.frame_id, error=error)
+            return _frame_error(frame.frame_id, as_segserve_error(exc, "a SegmentStream frame"))
         return pb.SegmentStreamResponse(
             frame_id=frame.frame_id, response=to_segment_response(output)
         )
 
     async def SegmentStream(
         self,
-        request_iterator: AsyncIterator[pb.SegmentStreamRequest],
+        frames: AsyncIterator[pb.SegmentStreamRequest | InvalidArgument],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.SegmentStreamResponse]:
         """Answers frames in arrival order while later ones run (see ordered_answers): at most
@@ -276,19 +215,15 @@ class SegmentationServicer:
         stops, every frame already read is answered, and the stream ends with UNAVAILABLE.
         """
         deadline_s = deadline_of(context)
-        try:
-            async for answer in ordered_answers(
-                request_iterator,
-                lambda frame: self._frame(frame, deadline_s),
-                max_inflight=self._max_inflight_frames,
-                draining=self.draining,
-            ):
-                yield answer
-        except StreamDrained:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                "server is draining: every frame read was answered; send the rest to another replica",
-            )
+        async for answer in ordered_stream(
+            frames,
+            lambda frame: self._frame(frame, deadline_s),
+            context,
+            max_inflight=self._max_inflight_frames,
+            draining=self.draining,
+            what="frame",
+        ):
+            yield answer
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -315,9 +250,9 @@ class SegmentationServicer:
         if model is None:
             raise ModelNotFound(f"model {request.name!r} is not in the repository")
         if request.version == 0:
-            version = model.serving or (
-                model.versions[max(model.versions)] if model.versions else None
-            )
+            serving = model.serving
+            number = serving.version if serving else max(model.versions, default=0)
+            version = model.versions.get(number)
         else:
             version = model.versions.get(request.version)
             if version is None:

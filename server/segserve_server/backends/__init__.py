@@ -1,5 +1,2 @@
-"""Backends run a model's batches: ONNX Runtime in-process, or remote Triton servers (triton)."""
-
-from segserve_server.backends.base import Backend, create_backend
-
-__all__ = ["Backend", "create_backend"]
+"""Backends run a model's batches: ONNX Runtime in-process (`onnxruntime`, a SyncBackend), or
+remote Triton servers (`triton`, an AsyncBackend). `factory.create_backend` picks one per model."""

@@ -1,41 +1,31 @@
-"""The backend interface: load a model version, run one batch, describe itself, close.
+"""The backend interfaces: what runs a model version's batches, one interface per kind.
 
-Two kinds: synchronous backends (ONNX Runtime in-process) implement `infer`, which the batcher
-calls in a worker thread; asynchronous backends (remote Triton servers) set `is_async` and
-implement `infer_async`, which the batcher awaits on the event loop, so that a batch waiting on
-the network holds no thread. `start` and `aclose` run on the loop for both.
+- `SyncBackend` (ONNX Runtime in-process): `infer(batch)` blocks; the batcher calls it in one of
+  the model's worker threads, never on the event loop.
+- `AsyncBackend` (remote Triton servers): `infer(batch, deadline_s)` is awaited on the loop, so a
+  batch waiting on the network holds no thread, and it gets the time its requests still have.
+
+Both share `BackendInfo`: a description, how many batches are worth running at once, the largest
+batch worth running, and the loop-bound `start` / `aclose` hooks. The factory that picks a
+concrete backend lives in `backends.factory`; this module imports none of them.
 """
 
 from __future__ import annotations
 
 import abc
-from pathlib import Path
 
 import numpy as np
 
-from segserve_server.errors import ModelConfigError
-from segserve_server.model_repository import ModelConfig
-from segserve_server.settings import Settings
+__all__ = ["AsyncBackend", "Backend", "BackendInfo", "SyncBackend"]
 
 
-class Backend(abc.ABC):
-    """Runs batches of one model version. `infer` is called from a worker thread, never the loop."""
-
-    is_async: bool = False
-    """True: the batcher awaits `infer_async` on the loop instead of calling `infer` in a thread."""
+class BackendInfo(abc.ABC):
+    """What the batcher and GetModel need to know of any backend."""
 
     @property
     @abc.abstractmethod
     def description(self) -> str:
         """Names the backend and device, e.g. "onnxruntime:CPUExecutionProvider"."""
-
-    @abc.abstractmethod
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Runs one batch (N, ...) of the model's input; returns (N, H, W) or (N, C, H, W)."""
-
-    async def infer_async(self, batch: np.ndarray) -> np.ndarray:
-        """`infer` for asynchronous backends (is_async), awaited on the event loop."""
-        raise NotImplementedError(f"{type(self).__name__} is a synchronous backend")
 
     @property
     def max_concurrent_batches(self) -> int | None:
@@ -51,42 +41,30 @@ class Backend(abc.ABC):
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Loop-bound set-up, after construction; raises ModelConfigError if it cannot serve."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Releases the model's resources."""
-
-    async def aclose(self) -> None:
-        """Releases the model's resources from the loop (closes connections of remote backends)."""
-        self.close()
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Releases the model's resources (closes the connections of remote backends)."""
 
 
-ONNX_PLATFORMS = {"onnxruntime_onnx", "onnxruntime"}
-BACKENDS = ("onnxruntime", "triton")
+class SyncBackend(BackendInfo):
+    """Runs batches in the caller's thread: a worker thread of the batcher, never the loop."""
+
+    @abc.abstractmethod
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Runs one batch (N, ...) of the model's input; returns (N, H, W) or (N, C, H, W)."""
 
 
-def backend_name(config: ModelConfig, settings: Settings) -> str:
-    """Which backend runs the model: parameters segserve.backend, else segserve.triton_urls
-    implies Triton, else the default_backend setting."""
-    params = config.raw.parameters
-    name = params["segserve.backend"].string_value if "segserve.backend" in params else ""
-    if not name:
-        name = "triton" if "segserve.triton_urls" in params else settings.default_backend
-    if name not in BACKENDS:
-        raise ModelConfigError(f"parameter segserve.backend = {name!r} is not one of {BACKENDS}")
-    return name
+class AsyncBackend(BackendInfo):
+    """Runs batches on the event loop (the work happens elsewhere, e.g. on a Triton server)."""
+
+    @abc.abstractmethod
+    async def infer(self, batch: np.ndarray, deadline_s: float | None) -> np.ndarray:
+        """Runs one batch (N, ...); returns (N, H, W) or (N, C, H, W).
+
+        deadline_s (time.monotonic()) is the latest deadline of the batch's requests, None if one
+        of them has none: past it nobody waits for the answer, so the backend stops waiting too
+        and raises DeadlineExceeded, which is never the backend's fault (no ejection, no retry).
+        """
 
 
-def create_backend(config: ModelConfig, version_dir: Path, settings: Settings) -> Backend:
-    """Builds the backend the model's parameters and platform call for (not yet started)."""
-    if backend_name(config, settings) == "triton":
-        from segserve_server.backends.triton.backend import TritonBackend
-
-        return TritonBackend(config, int(version_dir.name), settings)
-    if config.platform in ONNX_PLATFORMS:
-        from segserve_server.backends.onnxruntime import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(config, version_dir / config.model_filename, settings)
-    raise ModelConfigError(
-        f"platform {config.platform!r} is not served by segserve in-process (supported: "
-        f'{sorted(ONNX_PLATFORMS)}); set parameters segserve.backend = "triton" to run it on '
-        "Triton servers"
-    )
+Backend = SyncBackend | AsyncBackend
+"""Either kind; the batcher dispatches on the type."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from segserve_server.backends.base import Backend
+from segserve_server.backends.base import SyncBackend
 from segserve_server.cpus import available_cpus
 from segserve_server.errors import ModelConfigError
 from segserve_server.model_repository import ModelConfig
@@ -55,7 +55,7 @@ def cpu_count() -> int:
     return available_cpus()
 
 
-class OnnxRuntimeBackend(Backend):
+class OnnxRuntimeBackend(SyncBackend):
     def __init__(self, config: ModelConfig, model_path: Path, settings: Settings) -> None:
         if not model_path.is_file():
             raise ModelConfigError(f"model file {model_path} is missing")
@@ -148,6 +148,13 @@ class OnnxRuntimeBackend(Backend):
     @property
     def description(self) -> str:
         return f"onnxruntime:{self._provider}"
+
+    def close(self) -> None:
+        """Releases the sessions (for callers without a loop, such as `segserve eval`)."""
+        self._session = self._wide_session = None  # type: ignore[assignment]
+
+    async def aclose(self) -> None:
+        self.close()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         with self._running_lock:

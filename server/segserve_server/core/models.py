@@ -1,7 +1,8 @@
 """Loaded models: every repository model, its versions, their state, backend and batcher.
 
 A model or version that fails to load is kept with its reason (ListModels and health report it)
-while the others serve.
+while the others serve. A version that serves is a `ReadyVersion`: its config, backend, batcher
+and preprocessor are all there by construction, so the request path never checks for them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from segserve_server.backends import Backend, create_backend
+from segserve_server.backends.base import Backend
+from segserve_server.backends.factory import create_backend
 from segserve_server.errors import ModelConfigError, ModelNotFound, ModelUnavailable
 from segserve_server.metrics import Metrics
 from segserve_server.model_repository import ModelConfig, RepositoryEntry, scan_repository
@@ -45,18 +47,28 @@ class BatchStats:
         self.by_size[size] = (count + 1, total_s + seconds)
 
 
-@dataclass(eq=False)
-class ModelVersion:
-    """One version of a model and, once READY, what serves it."""
+@dataclass(frozen=True, eq=False)
+class ReadyVersion:
+    """A loaded model version that serves: everything the request path needs, never None."""
 
     name: str
     version: int
-    config: ModelConfig | None
+    config: ModelConfig
+    backend: Backend
+    batcher: Batcher
+    preprocessor: Preprocessor
+    batch_stats: BatchStats
+
+
+@dataclass(eq=False)
+class ModelVersion:
+    """One version of a model: its state and, once READY, what serves it (`ready`)."""
+
+    name: str
+    version: int
     state: ModelState = ModelState.LOADING
     reason: str = ""
-    backend: Backend | None = None
-    batcher: Batcher | None = None
-    preprocessor: Preprocessor | None = None
+    ready: ReadyVersion | None = None
     batch_stats: BatchStats = field(default_factory=BatchStats)
 
 
@@ -73,8 +85,9 @@ class Model:
         return self.entry.config
 
     @property
-    def serving(self) -> ModelVersion | None:
-        ready = [v for v in self.versions.values() if v.state is ModelState.READY]
+    def serving(self) -> ReadyVersion | None:
+        """The highest READY version, which requests without a version get."""
+        ready = [v.ready for v in self.versions.values() if v.ready is not None]
         return max(ready, key=lambda v: v.version) if ready else None
 
     @property
@@ -109,14 +122,15 @@ class ModelManager:
             model = Model(entry.name, entry)
             self.models[entry.name] = model
             for version in entry.versions_to_load:
-                model.versions[version] = ModelVersion(entry.name, version, entry.config)
+                model.versions[version] = ModelVersion(entry.name, version)
         for model in self.models.values():
+            config = model.config
+            if config is None:
+                continue  # the entry's error is the model's reason
             for loaded in model.versions.values():
-                await self._load(model, loaded)
+                await self._load(model, config, loaded)
 
-    async def _load(self, model: Model, loaded: ModelVersion) -> None:
-        config = model.config
-        assert config is not None
+    async def _load(self, model: Model, config: ModelConfig, loaded: ModelVersion) -> None:
         try:
             backend = await asyncio.to_thread(
                 create_backend, config, model.entry.versions[loaded.version], self._settings
@@ -144,12 +158,13 @@ class ModelManager:
             on_batch=on_batch,
         )
         await batcher.start()
-        loaded.backend, loaded.batcher = backend, batcher
-        loaded.preprocessor = Preprocessor(config)
+        loaded.ready = ReadyVersion(
+            model.name, loaded.version, config, backend, batcher, Preprocessor(config), stats
+        )
         loaded.state = ModelState.READY
         self._metrics.model_ready.labels(model.name, str(loaded.version)).set(1)
         self._metrics.queue_depth.labels(model.name).set_function(
-            lambda: sum(v.batcher.queue_depth for v in model.versions.values() if v.batcher)
+            lambda: sum(v.ready.batcher.queue_depth for v in model.versions.values() if v.ready)
         )
         log.info(
             "model %s version %d ready on %s (input %dx%d, %d classes)",
@@ -161,7 +176,7 @@ class ModelManager:
             len(config.classes),
         )
 
-    def get(self, name: str, version: int = 0) -> ModelVersion:
+    def get(self, name: str, version: int = 0) -> ReadyVersion:
         """The READY version asked for (0: the serving one), or NOT_FOUND / UNAVAILABLE."""
         model = self.models.get(name)
         if model is None:
@@ -182,16 +197,16 @@ class ModelManager:
             raise ModelNotFound(
                 f"model {name!r} has no version {version} (versions: {sorted(model.entry.versions)})"
             )
-        if loaded.state is not ModelState.READY:
+        if loaded.ready is None:
             raise ModelUnavailable(
                 f"version {version} of model {name!r} is {loaded.state.value}: {loaded.reason}"
             )
-        return loaded
+        return loaded.ready
 
     async def stop(self, timeout_s: float | None) -> None:
         """Drains every batcher (answers what was queued), then releases the backends."""
-        ready = [v for m in self.models.values() for v in m.versions.values() if v.batcher]
-        await asyncio.gather(*(v.batcher.stop(timeout_s) for v in ready if v.batcher))
-        for loaded in ready:
-            loaded.state = ModelState.UNLOADED
-            self._metrics.model_ready.labels(loaded.name, str(loaded.version)).set(0)
+        loaded = [v for m in self.models.values() for v in m.versions.values() if v.ready]
+        await asyncio.gather(*(v.ready.batcher.stop(timeout_s) for v in loaded if v.ready))
+        for version in loaded:
+            version.state, version.ready = ModelState.UNLOADED, None
+            self._metrics.model_ready.labels(version.name, str(version.version)).set(0)

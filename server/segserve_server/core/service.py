@@ -1,8 +1,9 @@
-"""The transport-agnostic core: one segmentation request from image bytes to encoded masks.
+"""SegmentationCore: the one request path behind every API surface.
 
-Every image API surface (segserve.v1 gRPC, and the image route of the KServe v2 / Triton port)
-converts its messages to SegmentInput, awaits SegmentationCore.segment, and converts
-SegmentOutput back; the Triton raw-tensor route goes to the model's batcher directly. Decoding,
+Every adapter converts its messages to a `SegmentInput` (an image) or a `TensorInput` (raw model
+inputs) and awaits `segment` or `infer_tensors`. Here and only here a request is checked against
+its deadline, counted (in flight, then by status code), timed (end to end and per stage) and run
+down the pipeline: decode → preprocess → batcher → backend → postprocess → encode. Decoding,
 preprocessing, postprocessing and encoding run in a thread pool (they release the GIL); the
 event loop only routes.
 """
@@ -11,92 +12,49 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 import cv2
 import numpy as np
 
-from segserve_client import masks
-from segserve_server.core.models import ModelManager, ModelVersion
+from segserve_server.core.models import ModelManager, ReadyVersion
+from segserve_server.core.requests import (
+    ClassCount,
+    SegmentInput,
+    SegmentOutput,
+    StageTimings,
+    TensorInput,
+    TensorOutput,
+)
 from segserve_server.errors import (
     DeadlineExceeded,
     InferenceFailed,
     InvalidArgument,
     SegserveError,
 )
-from segserve_server.metrics import STAGES, Metrics
+from segserve_server.metrics import Metrics
 from segserve_server.model_repository import ModelConfig
 from segserve_server.pipeline import decode, postprocess
+from segserve_server.pipeline.batcher import BatchOutcome
+from segserve_server.pipeline.encode import MaskEncoding, check_encodings, encode_masks
 from segserve_server.settings import Settings
+
+__all__ = [
+    "UNKNOWN_MODEL_LABEL",
+    "SegmentationCore",
+    "finish_output",
+    "gather_or_cancel",
+    "loop_deadline",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 UNKNOWN_MODEL_LABEL = "_unknown"
-
-
-class MaskEncoding(enum.Enum):
-    SRLE = "srle"
-    PNG = "png"
-    RAW = "raw"
-
-
-DEFAULT_ENCODINGS = (MaskEncoding.SRLE,)
-
-
-@dataclass(frozen=True)
-class SegmentInput:
-    """One segmentation request, independent of the API it came through."""
-
-    model: str
-    image: bytes | memoryview | decode.RawPixels
-    version: int = 0
-    encodings: tuple[MaskEncoding, ...] = DEFAULT_ENCODINGS
-    output_model_size: bool = False
-    include_pixel_counts: bool = False
-    embed_palette: bool = False
-
-
-@dataclass
-class StageTimings:
-    """Seconds spent per stage, plus the size of the batch the request ran in."""
-
-    decode: float = 0.0
-    preprocess: float = 0.0
-    queue: float = 0.0
-    infer: float = 0.0
-    postprocess: float = 0.0
-    encode: float = 0.0
-    total: float = 0.0
-    batch_size: int = 0
-
-    def stages(self) -> Iterator[tuple[str, float]]:
-        for stage in STAGES:
-            yield stage, getattr(self, stage)
-
-
-@dataclass(frozen=True)
-class ClassCount:
-    class_id: int
-    name: str
-    pixel_count: int
-
-
-@dataclass
-class SegmentOutput:
-    width: int
-    height: int
-    masks: list[tuple[MaskEncoding, bytes]]
-    classes: list[ClassCount]
-    model: str
-    model_version: int
-    timings: StageTimings = field(default_factory=StageTimings)
 
 
 class _Stopwatch:
@@ -109,16 +67,8 @@ class _Stopwatch:
         return elapsed
 
 
-def check_encodings(encodings: tuple[MaskEncoding, ...]) -> tuple[MaskEncoding, ...]:
-    if not encodings:
-        return DEFAULT_ENCODINGS
-    if len(set(encodings)) != len(encodings):
-        raise InvalidArgument(f"encodings {[e.value for e in encodings]} repeat an encoding")
-    return encodings
-
-
 class SegmentationCore:
-    """Owns the models and the worker pool; segments images for every API surface."""
+    """Owns the models and the worker pool; serves images and tensors for every API surface."""
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
@@ -143,34 +93,70 @@ class SegmentationCore:
             self._pool, functools.partial(fn, *args)
         )
 
+    def _label(self, model: str) -> str:
+        """Unknown names share one label: clients must not be able to mint metric series."""
+        return model if model in self.models.models else UNKNOWN_MODEL_LABEL
+
     async def segment(
         self, request: SegmentInput, deadline_s: float | None = None
     ) -> SegmentOutput:
         """Segments one image; raises SegserveError subclasses. deadline_s is time.monotonic()."""
+        label = self._label(request.model)
+        output = await self._served(
+            label, deadline_s, "the mask", lambda: self._segment(request, deadline_s)
+        )
+        self._observe_stages(label, output.timings)
+        return output
+
+    async def infer_tensors(
+        self, request: TensorInput, deadline_s: float | None = None
+    ) -> TensorOutput:
+        """Runs a batch of raw model inputs, each item on the model's batcher; the outputs come
+        back stacked in the config's output type. Raises SegserveError subclasses."""
+        label = self._label(request.model)
+        output = await self._served(
+            label,
+            deadline_s,
+            f"model {request.model!r}'s output",
+            lambda: self._infer_tensors(request, deadline_s),
+        )
+        self._observe_stages(label, output.timings)
+        return output
+
+    async def _served(
+        self, label: str, deadline_s: float | None, what: str, work: Callable[[], Awaitable[T]]
+    ) -> T:
+        """Runs `work` for one request: counted, timed, bounded by its deadline, and with any
+        unexpected exception logged and turned into INTERNAL."""
         started = time.perf_counter()
-        # Unknown names share one label: clients must not be able to mint metric series.
-        label = request.model if request.model in self.models.models else UNKNOWN_MODEL_LABEL
         try:
-            with self.counted(label):
+            with self.counted(label, deadline_s):
+                if deadline_s is not None and time.monotonic() >= deadline_s:
+                    raise DeadlineExceeded("deadline had already passed when the request arrived")
                 try:
-                    with self._deadline_errors(deadline_s):
-                        async with asyncio.timeout_at(loop_deadline(deadline_s)):
-                            output = await self._segment(request, deadline_s)
+                    async with asyncio.timeout_at(loop_deadline(deadline_s)):
+                        return await work()
+                except TimeoutError as exc:
+                    raise DeadlineExceeded(f"deadline exceeded before {what} was ready") from exc
                 except (SegserveError, asyncio.CancelledError):
                     raise
                 except Exception as exc:
-                    log.exception("segment of model %s failed unexpectedly", request.model)
+                    log.exception("request for model %s failed unexpectedly", label)
                     raise InferenceFailed(f"internal error: {type(exc).__name__}: {exc}") from exc
         finally:
             self.metrics.request_latency.labels(label).observe(time.perf_counter() - started)
-        output.timings.total = time.perf_counter() - started
-        for stage, seconds in output.timings.stages():
+
+    def _observe_stages(self, label: str, timings: StageTimings) -> None:
+        for stage, seconds in timings.stages():
             self.metrics.stage_latency.labels(label, stage).observe(seconds)
-        return output
 
     @contextlib.contextmanager
-    def counted(self, label: str) -> Iterator[None]:
-        """Counts one request of model `label`: in flight while inside, then by status code."""
+    def counted(self, label: str, deadline_s: float | None = None) -> Iterator[None]:
+        """Counts one request of model `label`: in flight while inside, then by status code.
+
+        A request cancelled once its deadline has passed counts as DEADLINE_EXCEEDED: gRPC
+        cancels a handler whose deadline expires, which is the deadline at work, not the client
+        going away."""
         code = "OK"
         self.metrics.inflight.labels(label).inc()
         try:
@@ -179,7 +165,8 @@ class SegmentationCore:
             code = exc.code.name
             raise
         except asyncio.CancelledError:
-            code = "CANCELLED"
+            expired = deadline_s is not None and time.monotonic() >= deadline_s
+            code = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
             raise
         except Exception:
             code = "INTERNAL"
@@ -188,19 +175,11 @@ class SegmentationCore:
             self.metrics.inflight.labels(label).dec()
             self.metrics.requests.labels(label, code).inc()
 
-    @contextlib.contextmanager
-    def _deadline_errors(self, deadline_s: float | None) -> Iterator[None]:
-        try:
-            yield
-        except TimeoutError as exc:
-            raise DeadlineExceeded("deadline exceeded before the mask was ready") from exc
-
     async def _segment(self, request: SegmentInput, deadline_s: float | None) -> SegmentOutput:
-        if deadline_s is not None and time.monotonic() >= deadline_s:
-            raise DeadlineExceeded("deadline had already passed when the request arrived")
+        started = time.perf_counter()
         encodings = check_encodings(request.encodings)
         model = self.models.get(request.model, request.version)
-        assert model.config is not None and model.batcher is not None
+        config = model.config
         timings = StageTimings()
         tensor, width, height = await self._in_pool(self._prepare, request.image, model, timings)
         outcome = await model.batcher.submit(tensor, deadline_s)
@@ -210,22 +189,45 @@ class SegmentationCore:
             outcome.batch_size,
         )
         if request.output_model_size:
-            width, height = model.config.input_width, model.config.input_height
+            width, height = config.input_width, config.input_height
         output = await self._in_pool(
-            self._finish, outcome.output, model.config, width, height, encodings, request, timings
+            self._finish, outcome.output, config, width, height, encodings, request, timings
         )
         output.model_version = model.version
+        output.timings.total = time.perf_counter() - started
         return output
+
+    async def _infer_tensors(self, request: TensorInput, deadline_s: float | None) -> TensorOutput:
+        started = time.perf_counter()
+        model = self.models.get(request.model, request.version)
+        batch = request.batch
+        if batch.ndim == 0 or batch.shape[0] == 0:
+            raise InvalidArgument(
+                f"model {request.model!r}: the input has an empty batch (shape {list(batch.shape)})"
+            )
+        outcomes: list[BatchOutcome] = await gather_or_cancel(
+            model.batcher.submit(np.ascontiguousarray(batch[i]), deadline_s)
+            for i in range(batch.shape[0])
+        )
+        output = np.stack([o.output for o in outcomes]).astype(
+            model.config.output_dtype, copy=False
+        )
+        timings = StageTimings(
+            queue=max(o.queue_s for o in outcomes),
+            infer=max(o.infer_s for o in outcomes),
+            batch_size=max(o.batch_size for o in outcomes),
+            total=time.perf_counter() - started,
+        )
+        return TensorOutput(request.model, model.version, output, timings)
 
     def _prepare(
         self,
         image: bytes | memoryview | decode.RawPixels,
-        model: ModelVersion,
+        model: ReadyVersion,
         timings: StageTimings,
     ) -> tuple[np.ndarray, int, int]:
         """Decode and preprocess, in a worker thread. Returns the tensor and the original size."""
         config = model.config
-        assert config is not None and model.preprocessor is not None
         watch = _Stopwatch()
         if isinstance(image, decode.RawPixels):
             decoded = decode.from_raw(image, self._limits)
@@ -283,45 +285,21 @@ def finish_output(
     embed_palette: bool = False,
     zlib_level: int = 1,
 ) -> SegmentOutput:
-    """One image's model output to its answer: label map at width x height, classes, masks.
+    """One image's model output to its answer: postprocess, then encode.
 
     Sets the postprocess and encode seconds of the returned timings.
     """
     watch = _Stopwatch()
-    _check_output_shape(model_output, config)
-    model_labels = postprocess.to_label_map(model_output, config)
-    labels = postprocess.resize_labels(model_labels, width, height)
+    labels, present = postprocess.postprocess(
+        model_output, config, width, height, count_pixels=include_pixel_counts
+    )
     names = [c.name for c in config.classes]
-    if include_pixel_counts:
-        counts = postprocess.class_pixel_counts(labels, len(names))
-        classes = [ClassCount(int(i), names[i], int(counts[i])) for i in np.flatnonzero(counts)]
-    else:
-        present = postprocess.classes_present(model_labels, labels, len(names))
-        classes = [ClassCount(int(i), names[i], 0) for i in present]
+    classes = [ClassCount(class_id, names[class_id], count) for class_id, count in present]
     timings = StageTimings(postprocess=watch.lap())
-    encoded = []
-    for encoding in encodings:
-        if encoding is MaskEncoding.SRLE:
-            data = masks.encode_srle(labels, zlib_level=zlib_level)
-        elif encoding is MaskEncoding.PNG:
-            palette = config.palette if embed_palette else None
-            data = masks.encode_png(labels, palette=palette, zlib_level=zlib_level)
-        else:
-            data = labels.tobytes()
-        encoded.append((encoding, data))
+    palette = config.palette if embed_palette else None
+    encoded = encode_masks(labels, encodings, palette=palette, zlib_level=zlib_level)
     timings.encode = watch.lap()
     return SegmentOutput(width, height, encoded, classes, config.name, 0, timings)
-
-
-def _check_output_shape(model_output: np.ndarray, config: ModelConfig) -> None:
-    """One image's output must be what config.pbtxt declares: labels (H, W) or scores (C, H, W)."""
-    size = (config.input_height, config.input_width)
-    expected = size if config.outputs_labels else (len(config.classes), *size)
-    if model_output.shape != expected:
-        raise InferenceFailed(
-            f"model {config.name} returned an output of shape {model_output.shape} per image; "
-            f"its config declares {expected}"
-        )
 
 
 def loop_deadline(deadline_s: float | None) -> float | None:
@@ -329,3 +307,16 @@ def loop_deadline(deadline_s: float | None) -> float | None:
     if deadline_s is None:
         return None
     return asyncio.get_running_loop().time() + (deadline_s - time.monotonic())
+
+
+async def gather_or_cancel(awaitables: Iterable[Awaitable[T]]) -> list[T]:
+    """Awaits every one concurrently; on the first failure cancels the rest and raises it."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled():
+                task.exception()  # retrieved: a second failure is not logged as unhandled

@@ -23,32 +23,25 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from segserve_server.core.models import Model, ModelVersion
-from segserve_server.core.service import (
-    MaskEncoding,
-    SegmentationCore,
-    SegmentInput,
-    SegmentOutput,
-    loop_deadline,
-)
+from segserve_server.core.models import Model, ReadyVersion
+from segserve_server.core.requests import MaskEncoding, SegmentInput, SegmentOutput, TensorInput
+from segserve_server.core.service import SegmentationCore, gather_or_cancel
 from segserve_server.errors import (
-    DeadlineExceeded,
     InferenceFailed,
     InvalidArgument,
     ModelNotFound,
+    ModelUnavailable,
     SegserveError,
 )
 from segserve_server.model_repository import ModelConfig
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 IMAGE_SUFFIX = ".image"
 IMAGE_INPUT = "IMAGE_BYTES"
@@ -121,8 +114,11 @@ class Route:
 
     @property
     def config(self) -> ModelConfig:
-        assert self.model.config is not None
-        return self.model.config
+        """The model's config; UNAVAILABLE if its config.pbtxt failed (the route still lists it)."""
+        config = self.model.config
+        if config is None:
+            raise ModelUnavailable(f"model {self.name!r} is not ready: {self.model.reason}")
+        return config
 
 
 @dataclass
@@ -203,7 +199,7 @@ class TensorAPI:
             f"model {name!r} is not served (models: {known}; each also as <model>{IMAGE_SUFFIX})"
         )
 
-    def ready_version(self, route: Route, version: int = 0) -> ModelVersion:
+    def ready_version(self, route: Route, version: int = 0) -> ReadyVersion:
         """The READY version asked for (0: the serving one), or NOT_FOUND / UNAVAILABLE."""
         return self._core.models.get(route.model.name, version)
 
@@ -332,7 +328,7 @@ class TensorAPI:
     async def _infer_tensors(
         self,
         route: Route,
-        version: ModelVersion,
+        version: ReadyVersion,
         request: InferRequest,
         wanted: list[str],
         deadline_s: float | None,
@@ -350,30 +346,19 @@ class TensorAPI:
             raise InvalidArgument(
                 f"input {config.input_name!r} has an empty batch (shape {list(batch.shape)})"
             )
-        deadline_s = _earliest(deadline_s, request.parameters)
-        batcher = version.batcher
-        assert batcher is not None
-        with self._core.counted(config.name):
-            try:
-                async with asyncio.timeout_at(loop_deadline(deadline_s)):
-                    outcomes = await _all(
-                        batcher.submit(np.ascontiguousarray(batch[i]), deadline_s)
-                        for i in range(count)
-                    )
-            except TimeoutError as exc:
-                raise DeadlineExceeded(
-                    f"deadline exceeded before model {route.name!r} answered"
-                ) from exc
+        output = await self._core.infer_tensors(
+            TensorInput(config.name, batch, version.version),
+            _earliest(deadline_s, request.parameters),
+        )
         stats.inference_count += count
-        stats.queue.add(max(o.queue_s for o in outcomes))
-        stats.compute_infer.add(max(o.infer_s for o in outcomes))
-        output = np.stack([o.output for o in outcomes]).astype(config.output_dtype, copy=False)
-        return {wanted[0]: output} if wanted else {}
+        stats.queue.add(output.timings.queue)
+        stats.compute_infer.add(output.timings.infer)
+        return {wanted[0]: output.output} if wanted else {}
 
     async def _infer_images(
         self,
         route: Route,
-        version: ModelVersion,
+        version: ReadyVersion,
         request: InferRequest,
         wanted: list[str],
         deadline_s: float | None,
@@ -405,7 +390,9 @@ class TensorAPI:
             except SegserveError as exc:
                 raise type(exc)(f"{IMAGE_INPUT}[{index}]: {exc.message}") from exc
 
-        results = await _all(one(i, bytes(image)) for i, image in enumerate(images.reshape(-1)))
+        results = await gather_or_cancel(
+            one(i, bytes(image)) for i, image in enumerate(images.reshape(-1))
+        )
         for result in results:
             t = result.timings
             stats.queue.add(t.queue)
@@ -476,16 +463,3 @@ def _image_options(
     if not isinstance(palette, bool):
         raise InvalidArgument(f"parameter embed_palette = {palette!r} is not a bool")
     return encodings[encoding_name.lower()], size.lower() == "model", palette
-
-
-async def _all(awaitables: Iterable[Awaitable[T]]) -> list[T]:
-    """Awaits every one concurrently; on the first failure cancels the rest and raises it."""
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            if not task.done():
-                task.cancel()
-            elif not task.cancelled():
-                task.exception()  # retrieved: a second failure is not logged as unhandled

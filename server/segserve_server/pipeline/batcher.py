@@ -9,6 +9,9 @@ Invariants (each tested in tests/test_batcher.py):
 - the batch body cannot leave a request hanging: whatever happens, its futures are resolved.
 Synchronous backends run in the batcher's threads; asynchronous ones (remote Triton servers) are
 awaited on the loop, and their errors keep their status (UNAVAILABLE when no server is left).
+An asynchronous backend gets, per batch, the latest deadline of its requests (the time somebody
+still waits), and a batch in flight there is cancelled as soon as every one of its callers has
+gone (cancelled or expired): work nobody waits for does not hold a server.
 Loop-bound objects (queue wake-up event, semaphore, task) are created in start().
 """
 
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from segserve_server.backends.base import Backend
+from segserve_server.backends.base import AsyncBackend, Backend
 from segserve_server.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -88,6 +91,14 @@ def _stack(tensors: list[np.ndarray]) -> np.ndarray:
     return np.stack(tensors)
 
 
+def batch_deadline(deadlines: list[float | None]) -> float | None:
+    """The time until which somebody waits for a batch: its latest request deadline, or None if
+    any request has none."""
+    if not deadlines or any(d is None for d in deadlines):
+        return None
+    return max(d for d in deadlines if d is not None)
+
+
 def _resolve(future: asyncio.Future[BatchOutcome], outcome: BatchOutcome) -> None:
     if not future.done():
         future.set_result(outcome)
@@ -123,6 +134,7 @@ class Batcher:
         self._queue: deque[_Pending] = deque()
         self._closing = False
         self._started = False
+        self.abandoned_batches = 0  # async batches cancelled in flight: every caller had gone
 
     @property
     def queue_depth(self) -> int:
@@ -285,8 +297,12 @@ class Batcher:
             return
         started = time.monotonic()
         tensors = [p.tensor for p in batch]
-        if self._backend.is_async:
-            outputs = await self._infer_async(tensors)
+        backend = self._backend
+        if isinstance(backend, AsyncBackend):
+            maybe = await self._infer_async(backend, batch)
+            if maybe is None:
+                return  # every caller went away while it ran
+            outputs = maybe
         else:
             loop = asyncio.get_running_loop()
             outputs = await loop.run_in_executor(self._executor, self._infer, tensors)
@@ -316,15 +332,41 @@ class Batcher:
 
     def _infer(self, tensors: list[np.ndarray]) -> np.ndarray:
         """Runs in the model's executor: stacks the inputs, runs the backend, checks the size."""
+        backend = self._backend
+        assert not isinstance(backend, AsyncBackend)  # dispatched in _run_once
         with self._backend_errors(len(tensors)):
-            outputs = np.asarray(self._backend.infer(_stack(tensors)))
+            outputs = np.asarray(backend.infer(_stack(tensors)))
         return self._checked(outputs, len(tensors))
 
-    async def _infer_async(self, tensors: list[np.ndarray]) -> np.ndarray:
-        """An asynchronous backend's batch, awaited on the loop."""
-        with self._backend_errors(len(tensors)):
-            outputs = await self._backend.infer_async(np.stack(tensors))
-        return self._checked(outputs, len(tensors))
+    async def _infer_async(self, backend: AsyncBackend, batch: list[_Pending]) -> np.ndarray | None:
+        """An asynchronous backend's batch, awaited on the loop with the batch's deadline.
+
+        Returns None if the call was cancelled because every caller of the batch had gone.
+        """
+        deadline_s = batch_deadline([p.deadline_s for p in batch])
+        call = asyncio.ensure_future(backend.infer(np.stack([p.tensor for p in batch]), deadline_s))
+
+        def caller_gone(_: asyncio.Future[BatchOutcome]) -> None:
+            if all(p.future.done() for p in batch):
+                call.cancel()
+
+        for pending in batch:
+            pending.future.add_done_callback(caller_gone)
+        try:
+            with self._backend_errors(len(batch)):
+                outputs = await call
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if call.cancelled() and (task is None or not task.cancelling()):
+                self.abandoned_batches += 1
+                return None
+            raise
+        finally:
+            for pending in batch:
+                pending.future.remove_done_callback(caller_gone)
+            if not call.done():
+                call.cancel()
+        return self._checked(outputs, len(batch))
 
     def _checked(self, outputs: np.ndarray, count: int) -> np.ndarray:
         if outputs.shape[:1] != (count,):

@@ -59,3 +59,34 @@ def classes_present(model_labels: np.ndarray, labels: np.ndarray, num_classes: i
     """
     enlarged = labels.shape[0] >= model_labels.shape[0] and labels.shape[1] >= model_labels.shape[1]
     return np.flatnonzero(class_pixel_counts(model_labels if enlarged else labels, num_classes))
+
+
+def check_output_shape(model_output: np.ndarray, config: ModelConfig) -> None:
+    """One image's output must be what config.pbtxt declares: labels (H, W) or scores (C, H, W)."""
+    size = (config.input_height, config.input_width)
+    expected = size if config.outputs_labels else (len(config.classes), *size)
+    if model_output.shape != expected:
+        raise InferenceFailed(
+            f"model {config.name} returned an output of shape {model_output.shape} per image; "
+            f"its config declares {expected}"
+        )
+
+
+def postprocess(
+    model_output: np.ndarray,
+    config: ModelConfig,
+    width: int,
+    height: int,
+    *,
+    count_pixels: bool = False,
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """One image's model output to its (height, width) label map and the classes present, as
+    (class id, pixels) pairs; pixels are 0 unless count_pixels (counting costs a full pass)."""
+    check_output_shape(model_output, config)
+    model_labels = to_label_map(model_output, config)
+    labels = resize_labels(model_labels, width, height)
+    if count_pixels:
+        counts = class_pixel_counts(labels, len(config.classes))
+        return labels, [(int(i), int(counts[i])) for i in np.flatnonzero(counts)]
+    present = classes_present(model_labels, labels, len(config.classes))
+    return labels, [(int(i), 0) for i in present]

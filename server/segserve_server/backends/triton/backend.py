@@ -21,8 +21,6 @@ The servers must serve the model with the config's input and output (name, datat
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -32,7 +30,7 @@ import tritonclient.grpc as triton_grpc
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from segserve_server.backends.base import Backend
+from segserve_server.backends.base import AsyncBackend
 from segserve_server.backends.triton.pool import EndpointPool
 from segserve_server.errors import InferenceFailed, ModelConfigError, SegserveError
 from segserve_server.model_repository import ModelConfig
@@ -75,15 +73,12 @@ def triton_target(
     return urls, _parameter(config, "segserve.triton_model") or config.name, remote_version
 
 
-class TritonBackend(Backend):
+class TritonBackend(AsyncBackend):
     """Runs one model version's batches on a pool of Triton servers (see the module doc)."""
-
-    is_async = True
 
     def __init__(self, config: ModelConfig, version: int, settings: Settings) -> None:
         urls, remote_model, remote_version = triton_target(config, version, settings)
         self._config = config
-        self._timeout_s = settings.triton_timeout_s
         self._startup_timeout_s = settings.triton_startup_timeout_s
         self._per_server = settings.triton_inflight_batches_per_server
         self._input_datatype = np_to_triton_dtype(config.input_dtype)
@@ -91,11 +86,11 @@ class TritonBackend(Backend):
             urls,
             remote_model,
             remote_version,
+            timeout_s=settings.triton_timeout_s,
             health_interval_s=settings.triton_health_interval_s,
             probe_timeout_s=min(5.0, settings.triton_timeout_s),
             name=f"{config.name}:{version}",
         )
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def description(self) -> str:
@@ -107,10 +102,9 @@ class TritonBackend(Backend):
         return self._per_server * len(self.pool.endpoints or [None])
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
         try:
             await self.pool.start(self._startup_timeout_s)
-            await self.pool.call(self._check_metadata)
+            await self.pool.call(self._check_metadata, None)
         except SegserveError as exc:
             await self.pool.close()
             raise ModelConfigError(exc.message) from exc
@@ -118,11 +112,13 @@ class TritonBackend(Backend):
             await self.pool.close()
             raise
 
-    async def _check_metadata(self, client: triton_aio.InferenceServerClient) -> None:
+    async def _check_metadata(
+        self, client: triton_aio.InferenceServerClient, timeout_s: float
+    ) -> None:
         """The remote model must take and give what config.pbtxt says, or the model FAILS."""
         config = self._config
         metadata = await client.get_model_metadata(
-            self.pool.model, self.pool.version, client_timeout=self._timeout_s
+            self.pool.model, self.pool.version, client_timeout=timeout_s
         )
         batch = [-1] if config.raw.max_batch_size > 0 else []
         wanted_input = (self._input_datatype, batch + list(config.raw.input[0].dims))
@@ -151,12 +147,15 @@ class TritonBackend(Backend):
                 f"{remote[name].datatype}{found}; config.pbtxt says {datatype}{shape}"
             )
 
-    async def infer_async(self, batch: np.ndarray) -> np.ndarray:
+    async def infer(self, batch: np.ndarray, deadline_s: float | None) -> np.ndarray:
+        """Sends the batch with the time its requests still have (capped by triton_timeout_s)."""
         batch = np.ascontiguousarray(batch, dtype=self._config.input_dtype)
-        return await self.pool.call(lambda client: self._infer_on(client, batch))
+        return await self.pool.call(
+            lambda client, timeout_s: self._infer_on(client, batch, timeout_s), deadline_s
+        )
 
     async def _infer_on(
-        self, client: triton_aio.InferenceServerClient, batch: np.ndarray
+        self, client: triton_aio.InferenceServerClient, batch: np.ndarray, timeout_s: float
     ) -> np.ndarray:
         model_input = triton_grpc.InferInput(
             self._config.input_name, list(batch.shape), self._input_datatype
@@ -167,7 +166,7 @@ class TritonBackend(Backend):
             [model_input],
             model_version=self.pool.version,
             outputs=[triton_grpc.InferRequestedOutput(self._config.output_name)],
-            client_timeout=self._timeout_s,
+            client_timeout=timeout_s,
         )
         try:
             output = result.as_numpy(self._config.output_name)
@@ -176,17 +175,6 @@ class TritonBackend(Backend):
         if output is None:
             raise InferenceFailed(f"Triton's answer lacks output {self._config.output_name!r}")
         return output
-
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """For callers in other threads: runs infer_async on the backend's loop and waits."""
-        if self._loop is None:
-            raise InferenceFailed("the Triton backend is not started")
-        future = asyncio.run_coroutine_threadsafe(self.infer_async(batch), self._loop)
-        try:
-            return future.result(self._timeout_s * (len(self.pool.endpoints) + 1))
-        except concurrent.futures.TimeoutError as exc:
-            future.cancel()
-            raise InferenceFailed("the Triton backend did not answer in time") from exc
 
     async def aclose(self) -> None:
         await self.pool.close()

@@ -1,11 +1,17 @@
 """A pool of Triton servers serving one model: least-outstanding-requests balancing, ejection of
 a server that fails, readmission once its health checks pass.
 
-`EndpointPool.call(fn)` runs `fn(client)` on the live server with the fewest calls outstanding
-(ties go round-robin). When the call fails because of the server (it is unreachable, went away
-mid-call, timed out, lost the model, or its model failed and its health check then fails too),
-the server is ejected and the call is retried on another live server, so a request accepted by
-segserve is not lost while any server is left. A failure of the request itself (an invalid
+`EndpointPool.call(fn, deadline_s)` runs `fn(client, timeout_s)` on the live server with the
+fewest calls outstanding (ties go round-robin). When the call fails because of the server (it is
+unreachable, went away mid-call, timed out, lost the model, or its model failed and its health
+check then fails too), the server is ejected and the call is retried on another live server, so
+a request accepted by segserve is not lost while any server is left.
+
+Deadlines: each call gets the time its callers still have (`deadline_s`), capped by the pool's
+`timeout_s`. When the callers' deadline is what ran out, the answer is DeadlineExceeded: the
+server is not ejected and the call is not retried elsewhere, since nobody waits for it any more;
+a call is never sent once that deadline has passed. Only a call that outlasts `timeout_s` itself
+counts against the server. A failure of the request itself (an invalid
 tensor; a model error on a healthy server) is not the server's fault and is raised at once.
 Only when no live server is left does a call fail, with ModelUnavailable (UNAVAILABLE). A
 background task probes the ejected servers every `health_interval_s` (server ready and model
@@ -27,7 +33,7 @@ import grpc
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
-from segserve_server.errors import InferenceFailed, ModelUnavailable, QueueFull
+from segserve_server.errors import DeadlineExceeded, InferenceFailed, ModelUnavailable, QueueFull
 from segserve_server.settings import check_url
 
 log = logging.getLogger(__name__)
@@ -57,12 +63,13 @@ class _Fault(enum.Enum):
     SERVER = "server"  # eject and retry elsewhere
     MAYBE_SERVER = "maybe_server"  # probe it: eject and retry if the probe fails, else raise
     BUSY = "busy"  # retry elsewhere without ejecting
+    TIMEOUT = "timeout"  # the caller's deadline, or the server too slow: see call()
     REQUEST = "request"  # raise
 
 
 _FAULTS = {
     grpc.StatusCode.UNAVAILABLE: _Fault.SERVER,
-    grpc.StatusCode.DEADLINE_EXCEEDED: _Fault.SERVER,
+    grpc.StatusCode.DEADLINE_EXCEEDED: _Fault.TIMEOUT,
     grpc.StatusCode.CANCELLED: _Fault.SERVER,  # cancelled by the server or the connection
     grpc.StatusCode.NOT_FOUND: _Fault.SERVER,  # this server lacks the model
     grpc.StatusCode.UNAUTHENTICATED: _Fault.SERVER,
@@ -104,6 +111,7 @@ class PoolStats:
     retries: int  # calls sent again to another server after a server failed them
     ejections: int
     readmissions: int
+    deadline_expiries: int  # calls ended by their callers' deadline: neither retried nor ejected
 
 
 class EndpointPool:
@@ -115,6 +123,7 @@ class EndpointPool:
         model: str,
         version: str,
         *,
+        timeout_s: float,
         health_interval_s: float,
         probe_timeout_s: float = 5.0,
         name: str = "",
@@ -123,12 +132,14 @@ class EndpointPool:
             raise ValueError("a Triton pool needs at least one server URL")
         self._urls = list(dict.fromkeys(check_url(u) for u in urls))
         self.model, self.version = model, version
+        self._timeout_s = timeout_s
         self._health_interval_s = health_interval_s
         self._probe_timeout_s = probe_timeout_s
         self._name = name or model
         self.endpoints: list[Endpoint] = []
         self._next = 0
         self._retries = self._readmissions = 0
+        self.deadline_expiries = 0  # calls ended by their callers' deadline (no server's fault)
         self._health_task: asyncio.Task[None] | None = None
 
     @property
@@ -141,6 +152,7 @@ class EndpointPool:
             retries=self._retries,
             ejections=sum(e.ejections for e in self.endpoints),
             readmissions=self._readmissions,
+            deadline_expiries=self.deadline_expiries,
         )
 
     def describe(self) -> str:
@@ -185,11 +197,26 @@ class EndpointPool:
         self._next += 1
         return tied[self._next % len(tied)]
 
-    async def call(self, fn: Callable[[triton_aio.InferenceServerClient], Awaitable[T]]) -> T:
-        """Runs fn on a live server; retries on another when a server fails it (see module doc)."""
+    async def call(
+        self,
+        fn: Callable[[triton_aio.InferenceServerClient, float], Awaitable[T]],
+        deadline_s: float | None,
+    ) -> T:
+        """Runs fn(client, timeout_s) on a live server; retries on another when a server fails
+        it; deadline_s (time.monotonic(), None: none) bounds every try (see the module doc)."""
         tried: set[Endpoint] = set()
         busy = False
         while True:
+            timeout_s, callers_bound = self._timeout_s, False
+            if deadline_s is not None:
+                remaining_s = deadline_s - time.monotonic()
+                if remaining_s <= 0:
+                    again = " again" if tried else ""
+                    raise DeadlineExceeded(
+                        f"deadline passed before model {self._name}'s batch was sent{again}"
+                    )
+                if remaining_s < timeout_s:
+                    timeout_s, callers_bound = remaining_s, True
             endpoint = self._pick(tried)
             if endpoint is None:
                 if busy and self.live:
@@ -203,10 +230,18 @@ class EndpointPool:
             endpoint.outstanding += 1
             endpoint.calls += 1
             try:
-                return await fn(endpoint.client)
+                return await fn(endpoint.client, timeout_s)
             except (InferenceServerException, grpc.RpcError, OSError) as exc:
-                endpoint.failures += 1
                 fault, reason = _fault_of(exc)
+                if fault is _Fault.TIMEOUT:
+                    if callers_bound:
+                        self.deadline_expiries += 1
+                        raise DeadlineExceeded(
+                            f"deadline passed while Triton server {endpoint.url} ran model "
+                            f"{self._name}'s batch"
+                        ) from exc
+                    fault = _Fault.SERVER  # slower than triton_timeout_s: the server's fault
+                endpoint.failures += 1
                 if fault is _Fault.MAYBE_SERVER and await self._probe(endpoint) is None:
                     raise InferenceFailed(
                         f"Triton server {endpoint.url} failed model {self.model}: {reason}"

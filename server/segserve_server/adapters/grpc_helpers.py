@@ -1,0 +1,172 @@
+"""What both gRPC adapters share: parsing, deadlines, the one place a SegserveError becomes a
+status, handler tables, and the ordered stream with its drain answer.
+
+Requests arrive as bytes and are parsed here, so that a message of the wrong type is
+INVALID_ARGUMENT rather than gRPC's UNKNOWN. Unary calls abort with the error's status. In a
+bidirectional stream, the rule for both APIs is the same: **a frame that does not parse is
+answered in its place, in order, with INVALID_ARGUMENT, and the stream goes on** (the adapter
+turns the `InvalidArgument` it receives instead of a message into its error answer); only the
+server draining or the client going away ends a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from types import ModuleType
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError, Message
+
+from segserve_server.core.streams import StreamDrained, ordered_answers
+from segserve_server.errors import InferenceFailed, InvalidArgument, SegserveError
+
+__all__ = [
+    "as_segserve_error",
+    "deadline_of",
+    "handler_table",
+    "ordered_stream",
+    "parse",
+    "parsed_frames",
+]
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=Message)
+A = TypeVar("A")
+
+Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Streaming = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], AsyncIterator[Any]]
+
+
+def parse(message_cls: type[M], data: bytes) -> M:
+    """The message, or InvalidArgument naming the type it should have been."""
+    try:
+        return message_cls.FromString(data)
+    except DecodeError as exc:
+        raise InvalidArgument(
+            f"request is not a valid {message_cls.DESCRIPTOR.full_name} message: {exc}"
+        ) from exc
+
+
+async def parsed_frames(
+    message_cls: type[M], frames: AsyncIterator[bytes]
+) -> AsyncIterator[M | InvalidArgument]:
+    """Each frame parsed; a frame that does not parse becomes its InvalidArgument (see above)."""
+    async for data in frames:
+        try:
+            yield parse(message_cls, data)
+        except InvalidArgument as exc:
+            yield exc
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the time.monotonic() clock, or None."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def as_segserve_error(exc: Exception, where: str) -> SegserveError:
+    """A SegserveError as it is; anything else is a bug of ours: logged, then INTERNAL."""
+    if isinstance(exc, SegserveError):
+        return exc
+    log.error("unexpected error in %s", where, exc_info=exc)
+    return InferenceFailed(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _unary(request_cls: type[Message], behaviour: Unary, where: str) -> Unary:
+    async def handle(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behaviour(parse(request_cls, data), context)
+        except grpc.aio.AbortError:
+            raise  # context.abort was already called
+        except Exception as exc:
+            error = as_segserve_error(exc, where)
+            await context.abort(error.code, error.message)
+
+    return handle
+
+
+def _streaming(request_cls: type[Message], behaviour: Streaming, where: str) -> Streaming:
+    async def handle(
+        frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        try:
+            async for answer in behaviour(parsed_frames(request_cls, frames), context):
+                yield answer
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            error = as_segserve_error(exc, where)
+            await context.abort(error.code, error.message)
+
+    return handle
+
+
+def _refuse(message: str) -> Unary:
+    async def handle(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+
+    return handle
+
+
+def handler_table(
+    service: ServiceDescriptor,
+    messages: ModuleType,
+    servicer: object,
+    *,
+    implemented: Iterable[str] | None = None,
+    unimplemented: Callable[[str], str] | None = None,
+) -> grpc.GenericRpcHandler:
+    """gRPC handlers for every method of `service`, calling the servicer's method of the same
+    name on parsed messages (`messages`: the generated module of the request/response types).
+
+    Methods not in `implemented` (None: all) answer UNIMPLEMENTED with unimplemented(name)."""
+    wanted = None if implemented is None else set(implemented)
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        request_cls = getattr(messages, method.input_type.name)
+        serialize = getattr(messages, method.output_type.name).SerializeToString
+        where = f"{service.name}.{method.name}"
+        if wanted is not None and method.name not in wanted:
+            why = unimplemented(method.name) if unimplemented else f"{where} is not implemented"
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _refuse(why), response_serializer=serialize
+            )
+        elif method.client_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                _streaming(request_cls, getattr(servicer, method.name), where),
+                response_serializer=serialize,
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _unary(request_cls, getattr(servicer, method.name), where),
+                response_serializer=serialize,
+            )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+async def ordered_stream(
+    frames: AsyncIterator[M | InvalidArgument],
+    answer: Callable[[M | InvalidArgument], Awaitable[A]],
+    context: grpc.aio.ServicerContext,
+    *,
+    max_inflight: int,
+    draining: asyncio.Event | None,
+    what: str,
+) -> AsyncIterator[A]:
+    """One answer per frame, in frame order (core.streams.ordered_answers); when the server
+    drains, every frame read is answered and the stream ends with UNAVAILABLE."""
+    try:
+        async for result in ordered_answers(
+            frames, answer, max_inflight=max_inflight, draining=draining
+        ):
+            yield result
+    except StreamDrained:
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"server is draining: every {what} read was answered; send the rest to another replica",
+        )

@@ -1,0 +1,93 @@
+"""The request and answer types of the core, independent of any API's messages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from segserve_server.metrics import STAGES
+from segserve_server.pipeline.decode import RawPixels
+from segserve_server.pipeline.encode import DEFAULT_ENCODINGS, MaskEncoding
+
+__all__ = [
+    "ClassCount",
+    "MaskEncoding",
+    "SegmentInput",
+    "SegmentOutput",
+    "StageTimings",
+    "TensorInput",
+    "TensorOutput",
+]
+
+
+@dataclass(frozen=True)
+class SegmentInput:
+    """One segmentation request: an image in, encoded masks out."""
+
+    model: str
+    image: bytes | memoryview | RawPixels
+    version: int = 0
+    encodings: tuple[MaskEncoding, ...] = DEFAULT_ENCODINGS
+    output_model_size: bool = False
+    include_pixel_counts: bool = False
+    embed_palette: bool = False
+
+
+@dataclass
+class StageTimings:
+    """Seconds spent per stage, plus the size of the batch the request ran in."""
+
+    decode: float = 0.0
+    preprocess: float = 0.0
+    queue: float = 0.0
+    infer: float = 0.0
+    postprocess: float = 0.0
+    encode: float = 0.0
+    total: float = 0.0
+    batch_size: int = 0
+
+    def stages(self) -> Iterator[tuple[str, float]]:
+        for stage in STAGES:
+            yield stage, getattr(self, stage)
+
+
+@dataclass(frozen=True)
+class ClassCount:
+    class_id: int
+    name: str
+    pixel_count: int
+
+
+@dataclass
+class SegmentOutput:
+    width: int
+    height: int
+    masks: list[tuple[MaskEncoding, bytes]]
+    classes: list[ClassCount]
+    model: str
+    model_version: int
+    timings: StageTimings = field(default_factory=StageTimings)
+
+
+@dataclass(frozen=True)
+class TensorInput:
+    """A batch of model inputs exactly as config.pbtxt declares them (the raw-tensor route).
+
+    `batch` has the leading batch dim; each item is queued on the model's batcher on its own, so
+    the items share batches, queue limits and deadlines with image requests."""
+
+    model: str
+    batch: np.ndarray
+    version: int = 0
+
+
+@dataclass(frozen=True)
+class TensorOutput:
+    """The model's outputs for a TensorInput, stacked again, with the version that ran them."""
+
+    model: str
+    model_version: int
+    output: np.ndarray
+    timings: StageTimings
