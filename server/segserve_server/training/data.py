@@ -6,8 +6,8 @@ Layout expected under ``root`` (see ``../shared/data/camvid/README.md``)::
     val/   valannot/     101 frames, used for model selection and reporting
 
 Label ids are 0..10 (see :data:`CLASS_NAMES`); 11 is void and is ignored in the
-loss and the metrics (the metrics are :mod:`segserve_server.training.evaluate`'s, the same as
-``segserve eval``).  Frames are 480x360 (W x H).
+loss and the metrics (the metrics are :mod:`segserve_server.training.scores`', the same as
+``segserve eval``'s).  Frames are 480x360 (W x H).
 
 Images are fed to the networks as float32 RGB in 0..1 scale, normalised with
 :data:`MEAN` / :data:`STD` (the ImageNet statistics); the training checkpoint
@@ -39,6 +39,7 @@ __all__ = [
     "class_weights",
     "load_split",
     "normalize",
+    "resize_pair",
 ]
 
 CLASS_NAMES: tuple[str, ...] = (
@@ -137,7 +138,8 @@ class Augment:
         img = (img - mean) * c + mean
         gray = img @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         img = (img - gray[..., None]) * s + gray[..., None]
-        return np.clip(img, 0.0, 255.0)
+        clipped: np.ndarray = np.clip(img, 0.0, 255.0)
+        return clipped
 
 
 def class_weights(labels: np.ndarray, mode: str = "sqrt-median") -> np.ndarray:

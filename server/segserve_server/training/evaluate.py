@@ -14,8 +14,12 @@ Through a server, every image goes as its file bytes, unchanged, through the cli
 (a few requests in flight); the mask comes back at the image's size. `--offline` computes the
 same in-process with ONNX Runtime and the server's own code: decode.decode,
 preprocess.Preprocessor, the server's ONNX Runtime backend built from the model's config.pbtxt,
-postprocess.label_map (to_label_map, then resize_labels). The two must agree (serving parity). torch is not
-needed for either.
+postprocess.label_map (to_label_map, then resize_labels). The two must agree (serving parity).
+torch is not needed for either.
+
+This module runs the evaluation (`evaluate_server`, `evaluate_offline`) and is the command line
+(`main`); the data set rules are `eval_data`'s and the arithmetic is `scores`' (shared with
+`segserve train`). Their public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -23,224 +27,42 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+from segserve_server.training.eval_data import (
+    EvalError,
+    Sample,
+    list_samples,
+    read_label,
+    resolve_dataset,
+)
+from segserve_server.training.scores import EvalResult, Scores, confusion_matrix
+
+__all__ = [
+    "DEFAULT_SERVER",
+    "EvalError",
+    "EvalResult",
+    "OfflineModel",
+    "Sample",
+    "Scores",
+    "build_parser",
+    "confusion_matrix",
+    "evaluate_offline",
+    "evaluate_server",
+    "list_samples",
+    "main",
+    "read_label",
+    "resolve_dataset",
+    "run",
+]
+
 DEFAULT_SERVER = "localhost:50051"
-
-
-class EvalError(Exception):
-    """The evaluation cannot run or had to stop; the message says why."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics (also model selection in training/train.py: one definition of IoU and mIoU)
-# ----------------------------------------------------------------------------------------------
-
-
-def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
-    """(num_classes, num_classes) int64 counts, rows = ground truth, columns = prediction.
-
-    Label pixels >= num_classes (void) are skipped; predictions are class ids < num_classes.
-    """
-    if pred.shape != label.shape:
-        raise ValueError(f"prediction {pred.shape} and label {label.shape} differ in size")
-    valid = label < num_classes
-    index = label[valid].astype(np.int64) * num_classes + pred[valid].astype(np.int64)
-    counts = np.bincount(index, minlength=num_classes * num_classes)
-    if counts.size != num_classes * num_classes:
-        raise ValueError(f"prediction holds a class id >= {num_classes}")
-    return counts.reshape(num_classes, num_classes)
-
-
-@dataclass(frozen=True)
-class Scores:
-    """What a confusion matrix says; NaN IoU for a class absent from labels and predictions."""
-
-    iou: np.ndarray  # per class
-    miou: float  # mean over classes with a defined IoU
-    pixel_accuracy: float  # correctly labelled / labelled (non-void) pixels
-    mean_class_accuracy: float  # recall averaged over classes present in the labels
-
-    @classmethod
-    def from_confusion(cls, conf: np.ndarray) -> Scores:
-        conf = conf.astype(np.float64)
-        tp = np.diag(conf)
-        truth, predicted = conf.sum(axis=1), conf.sum(axis=0)
-        union = truth + predicted - tp
-        with np.errstate(invalid="ignore", divide="ignore"):
-            iou = np.where(union > 0, tp / union, np.nan)
-            recall = np.where(truth > 0, tp / truth, np.nan)
-        total = conf.sum()
-        defined = ~np.isnan(iou)
-        return cls(
-            iou=iou,
-            miou=float(iou[defined].mean()) if defined.any() else math.nan,
-            pixel_accuracy=float(tp.sum() / total) if total else math.nan,
-            mean_class_accuracy=float(np.nanmean(recall)) if (truth > 0).any() else math.nan,
-        )
-
-
-@dataclass
-class EvalResult:
-    model: str
-    model_version: int
-    mode: str  # "server" or "offline"
-    source: str  # server address or model repository
-    class_names: list[str]
-    confusion: np.ndarray
-    frames: int
-    ignored_pixels: int
-    seconds: float
-
-    @property
-    def scores(self) -> Scores:
-        return Scores.from_confusion(self.confusion)
-
-    def to_json(self, images: Path | None = None, labels: Path | None = None) -> dict[str, Any]:
-        s = self.scores
-
-        def number(v: float) -> float | None:
-            return None if math.isnan(v) else round(float(v), 6)
-
-        return {
-            "model": self.model,
-            "model_version": self.model_version,
-            "mode": self.mode,
-            "source": self.source,
-            "images": str(images) if images else None,
-            "labels": str(labels) if labels else None,
-            "frames": self.frames,
-            "num_classes": len(self.class_names),
-            "class_names": self.class_names,
-            "iou": {n: number(v) for n, v in zip(self.class_names, s.iou, strict=True)},
-            "miou": number(s.miou),
-            "pixel_accuracy": number(s.pixel_accuracy),
-            "mean_class_accuracy": number(s.mean_class_accuracy),
-            "labelled_pixels": int(self.confusion.sum()),
-            "ignored_pixels": self.ignored_pixels,
-            "confusion_matrix": self.confusion.tolist(),
-            "seconds": round(self.seconds, 3),
-        }
-
-    def report(self) -> str:
-        s = self.scores
-        width = max([len(n) for n in self.class_names] + [5])
-        lines = [
-            f"{self.model} version {self.model_version} ({self.mode}: {self.source}), "
-            f"{self.frames} frames in {self.seconds:.1f} s",
-            f"{'class':<{width}}  IoU",
-        ]
-        for name, value in zip(self.class_names, s.iou, strict=True):
-            shown = "  n/a (absent)" if math.isnan(value) else f"{value:7.4f}"
-            lines.append(f"{name:<{width}}  {shown}")
-        lines += [
-            f"{'mIoU':<{width}}  {s.miou:7.4f}",
-            f"pixel accuracy {s.pixel_accuracy:.4f}, mean class accuracy "
-            f"{s.mean_class_accuracy:.4f} ({int(self.confusion.sum())} labelled pixels, "
-            f"{self.ignored_pixels} void/ignored)",
-        ]
-        return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# The data set
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Sample:
-    image: Path
-    label: Path
-
-
-def _has_images(folder: Path) -> bool:
-    return folder.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
-
-
-def _relative(root: Path, given: str) -> Path:
-    path = Path(given)
-    if path.is_absolute():
-        return path
-    for candidate in (root / path, root.parent / path, path):
-        if candidate.is_dir():
-            return candidate
-    return root / path
-
-
-def resolve_dataset(
-    dataset: str | Path, images_dir: str | None = None, labels_dir: str | None = None
-) -> tuple[Path, Path]:
-    """(image folder, label folder) of DATASET; see the module docstring for the rules."""
-    root = Path(dataset)
-    if not root.is_dir():
-        raise EvalError(f"data set {str(root)!r} is not a folder")
-    if images_dir is not None:
-        images = _relative(root, images_dir)
-    elif _has_images(root):
-        images = root
-    elif (root / "val").is_dir():
-        images = root / "val"
-    else:
-        raise EvalError(
-            f"{root} holds no images and no val/ folder; point DATASET at the image folder "
-            "or give --images-dir"
-        )
-    if labels_dir is not None:
-        labels = _relative(root, labels_dir)
-    else:
-        labels = images.parent / f"{images.name}annot"
-    if not images.is_dir():
-        raise EvalError(f"image folder {images} does not exist")
-    if not labels.is_dir():
-        raise EvalError(
-            f"label folder {labels} does not exist; give --labels-dir (labels are PNGs of "
-            "class ids with the images' file names)"
-        )
-    return images, labels
-
-
-def list_samples(images: Path, labels: Path, limit: int = 0) -> list[Sample]:
-    """Image/label pairs by file name, sorted; every image must have its label."""
-    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise EvalError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {images}")
-    samples, missing = [], []
-    for image in files:
-        label = labels / image.name
-        if not label.is_file():
-            label = labels / f"{image.stem}.png"
-        if label.is_file():
-            samples.append(Sample(image, label))
-        else:
-            missing.append(image.name)
-    if missing:
-        raise EvalError(
-            f"{len(missing)} of {len(files)} images have no label in {labels} (first: {missing[0]})"
-        )
-    return samples[:limit] if limit > 0 else samples
-
-
-def read_label(path: Path) -> np.ndarray:
-    """A (H, W) uint8 map of class ids."""
-    label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if label is None:
-        raise EvalError(f"label {path} does not decode as an image")
-    if label.ndim != 2 or label.dtype != np.uint8:
-        raise EvalError(
-            f"label {path} is {label.dtype} with shape {label.shape}; labels are 8-bit "
-            "single-channel maps of class ids (not colour-coded)"
-        )
-    return label
 
 
 class _Accumulator:

@@ -18,11 +18,16 @@ feature-map sizes (e.g. 360 -> 45 -> 23) need no padding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["MODELS", "DeepLabV3Plus", "UNet", "build_model", "deeplabv3plus", "unet"]
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def conv_bn_relu(
@@ -94,7 +99,8 @@ class ASPP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = [b(x) for b in self.branches]
         feats.append(self.pool(x).expand(-1, -1, x.shape[-2], x.shape[-1]))
-        return self.project(torch.cat(feats, dim=1))
+        out: torch.Tensor = self.project(torch.cat(feats, dim=1))
+        return out
 
 
 class DeepLabV3Plus(nn.Module):
@@ -164,10 +170,11 @@ class UNet(nn.Module):
         for block in self.up:
             skip = skips.pop()
             x = block(torch.cat([resize_to(x, skip), skip], dim=1))
-        return self.classifier(x)
+        logits: torch.Tensor = self.classifier(x)
+        return logits
 
 
-def init_weights(model: nn.Module) -> nn.Module:
+def init_weights(model: ModuleT) -> ModuleT:
     """Kaiming-normal conv init, BN to identity; returns ``model``."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -182,15 +189,15 @@ def init_weights(model: nn.Module) -> nn.Module:
 
 def deeplabv3plus(num_classes: int = 11) -> DeepLabV3Plus:
     """DeepLabV3+ as bundled (small ResNet backbone, OS 16)."""
-    return init_weights(DeepLabV3Plus(num_classes))  # type: ignore[return-value]
+    return init_weights(DeepLabV3Plus(num_classes))
 
 
 def unet(num_classes: int = 11) -> UNet:
     """U-Net as bundled (widths 16-32-64-128-192)."""
-    return init_weights(UNet(num_classes))  # type: ignore[return-value]
+    return init_weights(UNet(num_classes))
 
 
-MODELS = {"deeplabv3plus": deeplabv3plus, "unet": unet}
+MODELS: dict[str, Callable[[int], nn.Module]] = {"deeplabv3plus": deeplabv3plus, "unet": unet}
 
 
 def build_model(name: str, num_classes: int = 11) -> nn.Module:

@@ -36,7 +36,8 @@ class LabelsHead(nn.Module):
         self.model = model
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model(image).argmax(dim=1).to(torch.uint8)
+        logits: torch.Tensor = self.model(image)
+        return logits.argmax(dim=1).to(torch.uint8)
 
 
 def export_onnx(

@@ -30,14 +30,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..evaluate import Scores, confusion_matrix
 from . import data
 from .models import MODELS, build_model
+from .scores import Scores, confusion_matrix
 
 try:
     from tqdm import tqdm
 except ImportError:  # pragma: no cover - tqdm is optional
     tqdm = None
+
+__all__ = [
+    "atomic_save",
+    "evaluate",
+    "lr_factor",
+    "main",
+    "metadata",
+    "param_groups",
+    "parse_args",
+]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
