@@ -1,7 +1,9 @@
 """The batcher's invariants, tested directly with a backend whose batches a test can hold open.
 
-The backend here stands in for a model only to make batch timing deterministic (events as
-gates); the real ONNX Runtime path is exercised end to end in test_segment.py.
+The backends here stand in for a model only to make batch timing deterministic (events as
+gates); the real ONNX Runtime path is exercised end to end in test_segment.py. Tests wait for what
+they need to have happened (a batch started, requests queued, a deadline passed), never for a
+fixed time, and assert nothing about timing.
 """
 
 from __future__ import annotations
@@ -10,14 +12,15 @@ import asyncio
 import math
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
-from segserve_server.backends.base import SyncBackend
+from segserve_server.backends.base import AsyncBackend, SyncBackend
 from segserve_server.errors import DeadlineExceeded, InferenceFailed, ModelUnavailable, QueueFull
 from segserve_server.model_repository import BatchingConfig
-from segserve_server.pipeline.batcher import Batcher, plan_batch
+from segserve_server.pipeline.batcher import Batcher, batch_deadline, plan_batch
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -71,7 +74,21 @@ async def started(backend: GatedBackend) -> None:
     backend.started.clear()
 
 
-async def make(backend: GatedBackend, config: BatchingConfig) -> Batcher:
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    """Waits until condition() holds, yielding to the loop between checks; fails after timeout_s
+    (a bound far beyond what any condition here needs, not a timing assertion)."""
+    limit = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < limit, f"gave up waiting until {what}"
+        await asyncio.sleep(0.001)
+
+
+async def past(deadline_s: float) -> None:
+    """Waits until time.monotonic() has passed deadline_s (the clock the batcher checks)."""
+    await until(lambda: time.monotonic() > deadline_s, "the deadline has passed")
+
+
+async def make(backend: GatedBackend | GatedAsyncBackend, config: BatchingConfig) -> Batcher:
     batcher = Batcher(backend, config, name="test")
     await batcher.start()
     return batcher
@@ -87,7 +104,7 @@ async def test_queued_requests_form_one_batch_and_get_their_own_outputs():
     first = asyncio.ensure_future(batcher.submit(item(1)))
     await started(backend)  # batch [1] is running; the rest queue behind it
     rest = [asyncio.ensure_future(batcher.submit(item(v))) for v in (2, 3, 4, 5)]
-    await asyncio.sleep(0.05)
+    await until(lambda: batcher.queue_depth == 4, "all four are queued")
     backend.gate.set()
     outcomes = await asyncio.gather(first, *rest)
     assert backend.batches == [[1.0], [2.0, 3.0, 4.0, 5.0]]
@@ -102,11 +119,12 @@ async def test_cancelled_and_expired_requests_never_reach_the_backend():
     blocker = asyncio.ensure_future(batcher.submit(item(1)))
     await started(backend)
     cancelled = asyncio.ensure_future(batcher.submit(item(2)))
-    expiring = asyncio.ensure_future(batcher.submit(item(3), deadline_s=time.monotonic() + 0.05))
+    soon = time.monotonic() + 0.25
+    expiring = asyncio.ensure_future(batcher.submit(item(3), deadline_s=soon))
     alive = asyncio.ensure_future(batcher.submit(item(4)))
-    await asyncio.sleep(0.01)
+    await until(lambda: batcher.queue_depth == 3, "all three are queued")
     cancelled.cancel()
-    await asyncio.sleep(0.1)  # the deadline passes while the batch ahead is still running
+    await past(soon)  # the deadline passes while the batch ahead is still running
     backend.gate.set()
     assert (await blocker).output[0] == 10
     assert (await alive).output[0] == 40
@@ -148,11 +166,11 @@ async def test_full_queue_and_stopped_batcher_refuse():
     running = asyncio.ensure_future(batcher.submit(item(1)))
     await started(backend)
     queued = [asyncio.ensure_future(batcher.submit(item(v))) for v in (2, 3)]
-    await asyncio.sleep(0.01)
+    await until(lambda: batcher.queue_depth == 2, "the queue is full")
     with pytest.raises(QueueFull, match="limit 2"):
         await batcher.submit(item(4))
     stopping = asyncio.ensure_future(batcher.stop())
-    await asyncio.sleep(0.01)
+    await until(lambda: batcher._closing, "stop() has begun")
     with pytest.raises(ModelUnavailable):
         await batcher.submit(item(5))
     backend.gate.set()
@@ -166,8 +184,8 @@ async def test_stop_with_timeout_fails_what_cannot_finish():
     running = asyncio.ensure_future(batcher.submit(item(1)))
     await started(backend)
     waiting = asyncio.ensure_future(batcher.submit(item(2)))
-    await asyncio.sleep(0.01)
-    await batcher.stop(timeout_s=0.1)
+    await until(lambda: batcher.queue_depth == 1, "request 2 is queued")
+    await batcher.stop(timeout_s=0.1)  # the gate stays shut: this drain can only time out
     backend.gate.set()
     for future in (running, waiting):
         with pytest.raises(ModelUnavailable, match="drain timeout"):
@@ -183,7 +201,8 @@ async def test_one_by_one_retry_skips_requests_that_expired_meanwhile():
         for v, d in ((1, None), (-1, None), (3, soon))
     ]
     await started(backend)  # the batch [1, -1, 3] is running and will fail
-    await asyncio.sleep(0.4)  # meanwhile request 3's deadline passes
+    assert backend.batches == [[1.0, -1.0, 3.0]]
+    await past(soon)  # meanwhile request 3's deadline passes
     backend.gate.set()
     results = await asyncio.gather(*futures, return_exceptions=True)
     assert results[0].output[0] == 10
@@ -207,4 +226,136 @@ async def test_errors_that_are_no_inputs_fault_are_not_retried_one_by_one():
     )
     assert backend.batches == [[1.0, 2.0, 3.0]]
     assert all(isinstance(r, ModelUnavailable) for r in results)
+    await batcher.stop()
+
+
+class GatedAsyncBackend(AsyncBackend):
+    """An asynchronous backend (as a remote Triton server is): answers x with x * 10 once `gate`
+    is set; records each batch, the deadline_s it was given, and the batches cancelled in it."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.started = asyncio.Event()
+        self.batches: list[list[float]] = []
+        self.deadlines: list[float | None] = []
+        self.cancelled: list[list[float]] = []
+
+    @property
+    def description(self) -> str:
+        return "gated-async"
+
+    async def infer(self, batch: np.ndarray, deadline_s: float | None) -> np.ndarray:
+        values = [float(x) for x in batch[:, 0]]
+        self.batches.append(values)
+        self.deadlines.append(deadline_s)
+        self.started.set()
+        try:
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(values)
+            raise
+        return batch * 10
+
+
+async def async_started(backend: GatedAsyncBackend) -> None:
+    await asyncio.wait_for(backend.started.wait(), 10)
+    backend.started.clear()
+
+
+@pytest.mark.parametrize(
+    ("deadlines", "expected"),
+    [
+        ([], None),
+        ([None], None),
+        ([5.0], 5.0),
+        ([1.0, 3.0, 2.0], 3.0),  # the latest, wherever it is
+        ([1.0, None, 3.0], None),  # somebody waits without a deadline
+    ],
+)
+def test_batch_deadline(deadlines, expected):
+    assert batch_deadline(deadlines) == expected
+
+
+async def test_async_backend_gets_each_batchs_latest_deadline_or_none():
+    backend = GatedAsyncBackend()
+    batcher = await make(backend, dynamic(2))
+    now = time.monotonic()
+    d1, d2, d3, d4 = now + 100, now + 300, now + 200, now + 400
+    first = asyncio.ensure_future(batcher.submit(item(1), deadline_s=d1))
+    await async_started(backend)  # batch [1] is running; the rest queue behind it in pairs
+    rest = [
+        asyncio.ensure_future(batcher.submit(item(v), deadline_s=d))
+        for v, d in ((2, d2), (3, d3), (4, d4), (5, None))
+    ]
+    await until(lambda: batcher.queue_depth == 4, "all four are queued")
+    backend.gate.set()
+    outcomes = await asyncio.gather(first, *rest)
+    assert [o.output[0] for o in outcomes] == [10, 20, 30, 40, 50]
+    assert backend.batches == [[1.0], [2.0, 3.0], [4.0, 5.0]]
+    assert backend.deadlines == [d1, d2, None]
+    assert backend.cancelled == []
+    await batcher.stop()
+
+
+async def test_async_backend_never_gets_requests_that_expired_or_were_cancelled_in_the_queue():
+    backend = GatedAsyncBackend()
+    batcher = await make(backend, dynamic(8))
+    blocker = asyncio.ensure_future(batcher.submit(item(1)))
+    await async_started(backend)
+    cancelled = asyncio.ensure_future(batcher.submit(item(2)))
+    soon = time.monotonic() + 0.25
+    expiring = asyncio.ensure_future(batcher.submit(item(3), deadline_s=soon))
+    alive = asyncio.ensure_future(batcher.submit(item(4)))
+    await until(lambda: batcher.queue_depth == 3, "all three are queued")
+    cancelled.cancel()
+    await past(soon)  # the deadline passes while the batch ahead is still running
+    backend.gate.set()
+    assert (await blocker).output[0] == 10
+    assert (await alive).output[0] == 40
+    with pytest.raises(DeadlineExceeded):
+        await expiring
+    assert cancelled.cancelled()
+    assert backend.batches == [[1.0], [4.0]]
+    assert backend.deadlines == [None, None]
+    await batcher.stop()
+
+
+async def test_async_batch_is_cancelled_once_every_caller_has_gone():
+    backend = GatedAsyncBackend()
+    # Batches run only in pairs (30 s delay otherwise): which requests share a batch is known.
+    batcher = await make(backend, dynamic(2, delay_us=30_000_000))
+    callers = [asyncio.ensure_future(batcher.submit(item(v))) for v in (1, 2)]
+    await async_started(backend)
+    assert backend.batches == [[1.0, 2.0]]
+    callers[0].cancel()
+    callers[1].cancel()
+    await until(lambda: batcher.abandoned_batches == 1, "the batch is abandoned")
+    assert backend.cancelled == [[1.0, 2.0]]  # the backend's call saw CancelledError
+    assert all(caller.cancelled() for caller in callers)
+    # The batcher goes on serving: the next batch runs and is answered.
+    backend.gate.set()
+    outcomes = await asyncio.gather(*(batcher.submit(item(v)) for v in (3, 4)))
+    assert [o.output[0] for o in outcomes] == [30, 40]
+    assert backend.batches == [[1.0, 2.0], [3.0, 4.0]]
+    assert backend.cancelled == [[1.0, 2.0]]
+    assert batcher.abandoned_batches == 1
+    await batcher.stop()
+
+
+async def test_async_batch_with_a_caller_left_is_not_cancelled():
+    backend = GatedAsyncBackend()
+    batcher = await make(backend, dynamic(2, delay_us=30_000_000))
+    gone = asyncio.ensure_future(batcher.submit(item(1)))
+    staying = asyncio.ensure_future(batcher.submit(item(2)))
+    await async_started(backend)
+    assert backend.batches == [[1.0, 2.0]]
+    gone.cancel()
+    await asyncio.wait([gone])  # its cancellation has reached the batch (done callbacks ran)
+    assert gone.cancelled()
+    assert backend.cancelled == []
+    backend.gate.set()
+    assert (await staying).output[0] == 20
+    assert backend.cancelled == []
+    assert batcher.abandoned_batches == 0
+    assert backend.batches == [[1.0, 2.0]]
     await batcher.stop()

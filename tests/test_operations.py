@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from segserve.v1 import segserve_pb2 as pb
 from segserve.v1 import segserve_pb2_grpc as pb_grpc
@@ -124,8 +125,29 @@ async def _start_cli_server(repository) -> tuple[subprocess.Popen[str], int, int
     raise AssertionError("segserve serve did not start")
 
 
+async def _until_accepted(metrics_port: int, model: str, count: int) -> None:
+    """Waits until the server has accepted `count` requests of `model`: each one is counted in
+    flight from the moment its handler takes it until it is answered, then by status code."""
+
+    def accepted() -> float:
+        seen = 0.0
+        for family in text_string_to_metric_families(scrape(metrics_port)):
+            for name, labels, value in (s[:3] for s in family.samples):
+                if labels.get("model") == model and name in (
+                    "segserve_requests_total",  # answered, any status code
+                    "segserve_inflight_requests",
+                ):
+                    seen += value
+        return seen
+
+    limit = time.monotonic() + 30
+    while (seen := await asyncio.to_thread(accepted)) < count:
+        assert time.monotonic() < limit, f"the server accepted {seen} of {count} requests"
+        await asyncio.sleep(0.01)
+
+
 async def test_sigterm_drains_everything_accepted(repository):
-    process, port, _ = await _start_cli_server(repository)
+    process, port, metrics_port = await _start_cli_server(repository)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.SegmentationStub(channel)
@@ -136,7 +158,7 @@ async def test_sigterm_drains_everything_accepted(repository):
                 await stream.write(pb.SegmentStreamRequest(frame_id=frame_id, request=busy))
             first = await stream.read()
             assert first.frame_id == 0
-            await asyncio.sleep(0.2)  # every unary call and frame has reached the server
+            await _until_accepted(metrics_port, "colour_busy", len(unary) + 4)
 
             process.send_signal(signal.SIGTERM)
             answers = await asyncio.gather(*unary, return_exceptions=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import numpy as np
@@ -14,6 +15,8 @@ from tests.conftest import encode, quadrant_image
 from tests.harness.synthetic_models import expected_colour_labels
 
 PNG = encode(quadrant_image())
+
+pytestmark = pytest.mark.timeout(60)  # a backstop: the waits below are bounded themselves
 
 
 def frame(frame_id: int, data: bytes = PNG, model: str = "colour") -> pb.SegmentStreamRequest:
@@ -89,11 +92,21 @@ async def test_malformed_frame_is_answered_in_its_place_and_the_stream_goes_on(c
     assert "not a valid segserve.v1.SegmentStreamRequest" in answers[1].error.message
 
 
-async def test_cancelled_stream_leaves_the_server_serving(stub):
+async def test_cancelled_stream_leaves_the_server_serving(server, stub):
     call = stub.SegmentStream(iter([frame(i, model="colour_busy") for i in range(20)]))
     first = await call.read()
     assert first.frame_id == 0
     call.cancel()
-    await asyncio.sleep(0.05)
+    # The server has let go of the cancelled stream: none of its frames is still in flight.
+    registry = server.core.metrics.registry
+
+    def inflight() -> float:
+        labels = {"model": "colour_busy"}
+        return registry.get_sample_value("segserve_inflight_requests", labels) or 0.0
+
+    limit = time.monotonic() + 20
+    while inflight() > 0:
+        assert time.monotonic() < limit, "the cancelled stream's frames are still in flight"
+        await asyncio.sleep(0.001)
     answers = [a async for a in stub.SegmentStream(iter([frame(7)]))]
     assert [a.frame_id for a in answers] == [7]
