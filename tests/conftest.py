@@ -169,7 +169,16 @@ def camvid_frame() -> Iterator[bytes]:
 # Real tritonserver processes (tests/test_triton_*.py): the binary nvidia-pytriton bundles, from
 # the Triton venv that `make triton-env` creates. Without it those tests skip and say why.
 TRITON_VENV = Path(os.environ.get("SEGSERVE_TRITON_VENV", ROOT / ".venv-triton"))
-TRITON_MODELS = ("colour", "colour_logits", "colour_busy", "synthetic_colour_classes")
+TRITON_MODELS = (
+    "colour",
+    "colour_logits",
+    "colour_busy",
+    "colour_slow",
+    "synthetic_colour_classes",
+)
+# Seconds each batch of `colour_slow` takes on the test Triton servers: far past the deadlines
+# the deadline tests give it, far short of triton_timeout_s.
+TRITON_SLOW_S = 3.0
 
 
 def build_triton_source_repository(root: Path) -> Path:
@@ -177,6 +186,17 @@ def build_triton_source_repository(root: Path) -> Path:
     write_entry(root, "colour", H, W, max_batch_size=8, max_queue_delay_us=2000)
     write_entry(root, "colour_logits", H, W, output="logits", max_batch_size=8)
     write_entry(root, "colour_busy", 256, 256, busy_layers=24, max_batch_size=2)
+    write_entry(
+        root,
+        "colour_slow",
+        H,
+        W,
+        max_batch_size=8,
+        extra=(
+            'instance_group [ { count: 2 kind: KIND_CPU } ] parameters { key: '
+            f'"segserve.test_delay_s" value: {{ string_value: "{TRITON_SLOW_S}" }} }}'
+        ),
+    )
     shutil.copytree(
         ROOT / "model_repository" / "synthetic_colour_classes", root / "synthetic_colour_classes"
     )

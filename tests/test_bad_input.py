@@ -134,6 +134,10 @@ async def test_wrong_message_type_is_refused(channel):
     assert "not a valid segserve.v1.SegmentRequest" in err.value.details()
 
 
+def sample(server: Server, name: str, **labels: str) -> float:
+    return server.core.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
 async def test_expired_deadline(stub):
     big = encode(np.random.default_rng(0).integers(0, 255, (1080, 1920, 3), dtype=np.uint8), ".png")
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -143,20 +147,48 @@ async def test_expired_deadline(stub):
     assert ok.width == W
 
 
+async def test_the_server_enforces_the_deadline(stub, server):
+    """Not the client's own timer: a request whose deadline passes in the server's queue
+    (colour_batch4 waits 30 s for a batch of 4) leaves the queue unrun, and the server counts
+    it DEADLINE_EXCEEDED."""
+    model = "colour_batch4"
+    batcher = server.core.models.get(model).batcher
+    counted = sample(server, "segserve_requests_total", model=model, code="DEADLINE_EXCEEDED")
+    batches = sample(server, "segserve_batch_size_count", model=model)
+    call = asyncio.ensure_future(stub.Segment(with_image(PNG, model), timeout=0.5))
+    await wait_for(lambda: batcher.queue_depth == 1)  # it reached the server's queue
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await wait_for(
+        lambda: sample(server, "segserve_requests_total", model=model, code="DEADLINE_EXCEEDED")
+        == counted + 1
+    )
+    await wait_for(lambda: batcher.queue_depth == 0)
+    assert sample(server, "segserve_batch_size_count", model=model) == batches  # never ran
+
+
 async def test_cancelled_requests_leave_the_server_serving(stub, server):
-    calls = [stub.Segment(with_image(PNG, "colour_busy")) for _ in range(6)]
-    await asyncio.sleep(0.05)
+    """colour_batch4 waits 30 s for a batch of 4: three requests stay queued until cancelled."""
+    model = "colour_batch4"
+    batcher = server.core.models.get(model).batcher
+    cancelled = sample(server, "segserve_requests_total", model=model, code="CANCELLED")
+    calls = [stub.Segment(with_image(PNG, model)) for _ in range(3)]
+    await wait_for(lambda: batcher.queue_depth == 3)  # every call reached the server
     for call in calls:
         call.cancel()
     for call in calls:
         with pytest.raises(asyncio.CancelledError):
             await call
+    await wait_for(lambda: batcher.queue_depth == 0)  # they left the queue at once
+    await wait_for(
+        lambda: sample(server, "segserve_requests_total", model=model, code="CANCELLED")
+        == cancelled + 3
+    )
     answers = await asyncio.gather(
         *(stub.Segment(with_image(PNG, "colour_busy")) for _ in range(3))
     )
     assert all(a.width == W for a in answers)
-    cancelled = server.core.metrics.requests.labels("colour_busy", "CANCELLED")._value.get()
-    assert cancelled >= 1
 
 
 async def wait_for(condition, timeout_s: float = 10.0) -> None:

@@ -23,15 +23,24 @@ from segserve_server.backends.factory import backend_name, create_backend
 from segserve_server.backends.triton.backend import TritonBackend
 from segserve_server.backends.triton.pool import EndpointPool, EndpointState
 from segserve_server.core.models import ModelState
-from segserve_server.errors import InferenceFailed, ModelConfigError
+from segserve_server.errors import DeadlineExceeded, InferenceFailed, ModelConfigError
 from segserve_server.model_repository import scan_repository
 from segserve_server.server import Server
 from segserve_server.settings import load_settings
-from tests.conftest import CAMVID, ROOT, H, W, encode, make_settings, quadrant_image
+from tests.conftest import (
+    CAMVID,
+    ROOT,
+    TRITON_SLOW_S,
+    H,
+    W,
+    encode,
+    make_settings,
+    quadrant_image,
+)
 from tests.harness.synthetic_models import expected_colour_labels, write_entry
 from tests.harness.triton_local import free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.triton, pytest.mark.timeout(180)]
 
 BUNDLED = "synthetic_colour_classes"
 
@@ -61,6 +70,8 @@ def build_segserve_repository(root: Path, server_a: str) -> Path:
         root, "colour_busy_triton", 256, 256, max_batch_size=2, max_queue_delay_us=1000,
         extra=on_triton("colour_busy"),
     )  # fmt: skip
+    # Takes TRITON_SLOW_S per batch on Triton: past the deadline tests' deadlines.
+    write_entry(root, "colour_slow_triton", H, W, **batching, extra=on_triton("colour_slow"))
     # Only server A: UNAVAILABLE while it is down.
     write_entry(
         root, "colour_only_a", H, W, **batching,
@@ -104,6 +115,13 @@ async def triton_segserve(triton_servers, tmp_path_factory) -> AsyncIterator[Ser
 async def triton_stub(triton_segserve) -> AsyncIterator[pb_grpc.SegmentationStub]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{triton_segserve.port}") as channel:
         yield pb_grpc.SegmentationStub(channel)
+
+
+def requests_counted(server: Server, model: str, code: str) -> float:
+    value = server.core.metrics.registry.get_sample_value(
+        "segserve_requests_total", {"model": model, "code": code}
+    )
+    return value or 0.0
 
 
 def backend_of(server: Server, model: str) -> TritonBackend:
@@ -305,3 +323,47 @@ def test_triton_settings(tmp_path, monkeypatch):
     settings = make_settings(tmp_path, default_backend="triton", triton_urls=["a:1"])
     assert backend_name(entries["local"].config, settings) == "onnxruntime"
     assert backend_name(entries["plain"].config, settings) == "triton"
+
+
+async def test_a_batch_is_sent_with_the_time_its_requests_still_have(triton_segserve):
+    """The Triton backend asks Triton with the batch's remaining time: past it the call ends with
+    DeadlineExceeded, no server is ejected and the batch is not retried elsewhere; the same
+    batch without a deadline waits for Triton's answer (colour_slow takes TRITON_SLOW_S there,
+    triton_timeout_s is 20 s)."""
+    backend = backend_of(triton_segserve, "colour_slow_triton")
+    before = backend.pool.stats()
+    batch = np.zeros((1, 3, H, W), np.float32)
+    with pytest.raises(DeadlineExceeded, match="deadline passed while Triton server"):
+        await backend.infer(batch, time.monotonic() + TRITON_SLOW_S / 6)
+    after = backend.pool.stats()
+    assert after.deadline_expiries == before.deadline_expiries + 1
+    assert after.calls == before.calls + 1  # sent once: not retried on the other server
+    assert after.ejections == before.ejections and after.retries == before.retries
+    assert len(backend.pool.live) == 2
+    with pytest.raises(DeadlineExceeded, match="before model .* batch was sent"):
+        await backend.infer(batch, time.monotonic() - 1)  # nobody waits: never sent
+    assert backend.pool.stats().calls == after.calls
+    output = await backend.infer(batch, None)
+    assert output.shape == (1, H, W)
+
+
+async def test_an_expired_request_is_no_server_fault(triton_segserve, triton_stub):
+    """End to end: a Segment whose deadline passes while Triton runs its batch answers
+    DEADLINE_EXCEEDED, is counted so by the server, and leaves every server live."""
+    model = "colour_slow_triton"
+    backend = backend_of(triton_segserve, model)
+    before = backend.pool.stats()
+    counted = requests_counted(triton_segserve, model, "DEADLINE_EXCEEDED")
+    request = pb.SegmentRequest(model=model, image=pb.Image(encoded=encode(quadrant_image())))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await triton_stub.Segment(request, timeout=TRITON_SLOW_S / 6)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 30
+    while requests_counted(triton_segserve, model, "DEADLINE_EXCEEDED") == counted:
+        assert time.monotonic() < deadline, "the server never counted the expired request"
+        await asyncio.sleep(0.01)
+    after = backend.pool.stats()
+    assert after.ejections == before.ejections and after.retries == before.retries
+    assert len(backend.pool.live) == 2
+    answer = await triton_stub.Segment(request, timeout=60)  # the servers still serve
+    assert answer.width == quadrant_image().shape[1]

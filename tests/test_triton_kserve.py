@@ -47,6 +47,13 @@ def tensor_input(name: str, array: np.ndarray, datatype: str) -> tg.InferInput:
     return tensor
 
 
+async def until(condition, timeout_s: float = 30.0) -> None:
+    """Waits for `condition()` to hold (polled), failing the test after timeout_s."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
 def images_input(*images: bytes) -> tg.InferInput:
     array = np.empty(len(images), dtype=np.object_)
     array[:] = list(images)
@@ -353,18 +360,35 @@ async def test_queue_limit_and_deadline_apply(client, server):
         "limit 2",
     )
     batcher = server.core.models.get("colour_queue2").batcher
-    for _ in range(100):
-        if batcher.queue_depth == 0:
-            break
-        await asyncio.sleep(0.02)
+    await until(lambda: batcher.queue_depth == 0)
+
+    def expired() -> float:
+        value = server.core.metrics.registry.get_sample_value(
+            "segserve_requests_total", {"model": "colour_queue2", "code": "DEADLINE_EXCEEDED"}
+        )
+        return value or 0.0
+
+    def batches() -> float:
+        value = server.core.metrics.registry.get_sample_value(
+            "segserve_batch_size_count", {"model": "colour_queue2"}
+        )
+        return value or 0.0
+
+    counted, ran = expired(), batches()
+    # The call's own deadline: the server drops the request from its queue and counts it.
     await expect_error(
         client.infer("colour_queue2", [tensor_input("image", x[:1], "FP32")], client_timeout=0.5),
         "DEADLINE_EXCEEDED",
     )
+    await until(lambda: expired() == counted + 1)
+    # The `timeout` parameter (microseconds) is the server's alone: its message is segserve's.
     await expect_error(
         client.infer("colour_queue2", [tensor_input("image", x[:1], "FP32")], timeout=300_000),
         "DEADLINE_EXCEEDED",
+        "deadline exceeded before model 'colour_queue2'",
     )
+    await until(lambda: expired() == counted + 2 and batcher.queue_depth == 0)
+    assert batches() == ran  # neither request ever ran
 
 
 async def test_streaming_sync_client(kserve_url):
@@ -486,7 +510,18 @@ async def test_stream_drains_on_stop(repository):
         answers = aio_client.stream_infer(requests())
         first = await anext(answers)
         await sent.wait()
-        await asyncio.sleep(0.2)
+
+        def reached_the_core() -> float:  # in flight, or answered, on this fresh server
+            registry = server.core.metrics.registry
+            inflight = registry.get_sample_value(
+                "segserve_inflight_requests", {"model": "colour_busy"}
+            )
+            answered = registry.get_sample_value(
+                "segserve_requests_total", {"model": "colour_busy", "code": "OK"}
+            )
+            return (inflight or 0.0) + (answered or 0.0)
+
+        await until(lambda: reached_the_core() == 4)  # the server read all four
         stopping = asyncio.create_task(server.stop(timeout_s=20))
         got = [first]
         with pytest.raises(Exception) as ended:

@@ -8,6 +8,8 @@ inside Triton's Python stub, in the Triton venv (numpy < 2, onnxruntime), never 
 Config parameters it reads (string values):
     segserve.onnx_filename        the ONNX file in the version folder (default model.onnx)
     segserve.ort_intra_op_threads ONNX Runtime intra-op threads (default 1)
+    segserve.test_delay_s         seconds each execute call waits first (default 0): a model
+                                  slower than a test's deadline, for the deadline tests
 
 Every request Triton's dynamic batcher hands to one `execute` call runs as one ONNX Runtime
 batch (when max_batch_size > 0), and the output is split back per request.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -42,12 +45,15 @@ class TritonPythonModel:
             path, sess_options=options, providers=["CPUExecutionProvider"]
         )
         self._batched = int(config.get("max_batch_size", 0)) > 0
+        self._delay_s = float(_parameter(config, "segserve.test_delay_s", "0"))
         self._inputs = [i["name"] for i in config["input"]]
         self._outputs = [
             (o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]
         ]
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        if self._delay_s:
+            time.sleep(self._delay_s)
         if not self._batched or len(requests) == 1:
             return [self._respond(self._run(self._feeds([r]))) for r in requests]
         feeds = self._feeds(requests)
