@@ -7,20 +7,29 @@ METRICS_PORT ?= 9464
 # The Triton side of the Triton tests (a real tritonserver, numpy < 2): a venv of its own.
 TRITON_VENV ?= .venv-triton
 
-.PHONY: serve test lint install clean triton-env
+.PHONY: serve test test-quick lint install install-server clean triton-env
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+
+# Serving needs the server extra only (no torch, onnx or test tools).
+$(BIN)/.installed-server: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[server]'
 	touch $@
 
-install: $(BIN)/.installed
+# Tests, lint, training and export: everything.
+$(BIN)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@ $(BIN)/.installed-server
 
-serve: $(BIN)/.installed
+install-server: $(BIN)/.installed-server
+install: $(BIN)/.installed-test
+
+serve: $(BIN)/.installed-server
 	$(BIN)/segserve serve --model-repository model_repository --port $(PORT) --metrics-port $(METRICS_PORT)
 
-lint: $(BIN)/.installed
+lint: $(BIN)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -33,8 +42,12 @@ triton-env: $(TRITON_VENV)/.installed
 
 # Without the Triton venv (no registry, say) the Triton tests skip and name the reason, which
 # setup_env.sh leaves in $(TRITON_VENV).error; everything else still runs.
+# Every tier (quick, slow, triton); plain `pytest` or `make test-quick` runs the quick one.
 test: lint
 	@$(MAKE) --no-print-directory triton-env || echo "Triton venv not created (see $(TRITON_VENV).error): the Triton tests will skip"
+	$(BIN)/python -m pytest -m ""
+
+test-quick: $(BIN)/.installed-test
 	$(BIN)/python -m pytest
 
 clean:

@@ -23,7 +23,7 @@ from segserve_server.training.onnx_export import check_against_torch
 from tests.conftest import CAMVID, H, W, make_settings
 
 # onnx_export uses torch's TorchScript exporter on purpose (dynamic batch axis, stable graphs).
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 CLASSES = ("road", "car", "person", "sky")
 COLORS = "128,64,128;64,0,128;64,64,0;128,128,128"

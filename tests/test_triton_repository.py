@@ -25,7 +25,7 @@ from tests.harness.triton_local import (
     write_python_backend_repository,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.triton, pytest.mark.timeout(180)]
 
 BUNDLED = ROOT / "model_repository"
 MISSING_BACKEND = "unable to find backend library for backend 'onnxruntime'"

@@ -1,11 +1,12 @@
-"""The `segserve` command: `serve`, `eval`, and with the `train` extra (torch) `train`, `export`.
+"""The `segserve` command: `serve`; with the `eval` extra `eval`; with the `train` extra (torch) `train` and `export`.
 
     segserve serve  --model-repository model_repository       serve a repository over gRPC
     segserve eval   DATASET --model M [--server H:P | --offline]   IoU / mIoU of a served model
     segserve train  --model deeplabv3plus --out runs/x ...      train a CamVid model (torch)
     segserve export --checkpoint runs/x/best.pt --name N ...    write a repository entry (torch)
 
-torch is imported only by `train` and `export`; `serve` and `eval` never load it.
+torch is imported only by `train` and `export`; `serve` and `eval` never load it. `serve`'s flags are
+the Settings fields (settings_cli).
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ from pathlib import Path
 
 from segserve_server import __version__
 
-
-def _port(text: str) -> int | str:
-    """A port number, or "off" (kept as the string: the settings read it as disabled)."""
-    return "off" if text.lower() == "off" else int(text)
+__all__ = ["main"]
 
 
-def _serve_parser(sub: argparse._SubParsersAction) -> None:
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from segserve_server.settings_cli import add_settings_flags
+
     p = sub.add_parser(
         "serve",
         help="serve a model repository over gRPC",
@@ -34,44 +34,16 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "over the environment, which wins over the file.",
     )
     p.add_argument("--config", type=Path, help="TOML file of settings (keys as the flags, _ for -)")
-    p.add_argument("--model-repository", type=Path, help="model repository folder")
-    p.add_argument("--host", help="bind address (default 0.0.0.0)")
-    p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks one)")
-    p.add_argument(
-        "--metrics-port", type=_port, help="Prometheus /metrics port (default 9464; off disables)"
-    )
-    p.add_argument("--max-receive-message-bytes", type=int)
-    p.add_argument("--max-image-pixels", type=int)
-    p.add_argument("--worker-threads", type=int, help="decode/encode threads (default: CPUs)")
-    p.add_argument("--ort-intra-op-threads", type=int, help="ONNX Runtime threads (0: auto)")
-    p.add_argument("--drain-timeout-s", type=float, help="grace period on SIGTERM")
-    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
-    p.add_argument(
-        "--kserve-port",
-        type=_port,
-        help="KServe v2 / Triton gRPC port (default 8001; 0 picks one; off disables)",
-    )
-    p.add_argument(
-        "--triton-url",
-        dest="triton_urls",
-        action="append",
-        metavar="HOST:PORT",
-        help="a Triton server for models on the Triton backend (repeatable)",
-    )
-    p.add_argument("--default-backend", choices=["onnxruntime", "triton"])
+    add_settings_flags(p)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from segserve_server.server import serve
     from segserve_server.settings import load_settings
+    from segserve_server.settings_cli import overrides_of
 
-    overrides = {
-        key: None if value == "off" else value
-        for key, value in vars(args).items()
-        if key not in ("command", "config", "handler") and value is not None
-    }
     try:
-        settings = load_settings(args.config, **overrides)
+        settings = load_settings(args.config, **overrides_of(args))
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         print(f"segserve: invalid settings: {exc}", file=sys.stderr)
         return 2
@@ -101,6 +73,15 @@ def _needs_torch(command: str) -> int:
 def _run_delegated(command: str, argv: list[str]) -> int:
     prog = f"segserve {command}"
     if command == "eval":
+        try:
+            import tqdm  # noqa: F401
+        except ImportError:
+            print(
+                "segserve eval: needs the eval extra, which serving does not: "
+                "pip install 'segserve[eval]'",
+                file=sys.stderr,
+            )
+            return 2
         from segserve_server.training import evaluate
 
         return evaluate.main(argv, prog=prog)

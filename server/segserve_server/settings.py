@@ -1,4 +1,9 @@
-"""Server settings: command-line flags over SEGSERVE_* environment variables over a TOML file."""
+"""Server settings: command-line flags over SEGSERVE_* environment variables over a TOML file.
+
+`Settings` is the one source of truth: each field's type, default, bounds and docstring make its
+environment variable, its TOML key and its `segserve serve` flag (the CLI builds its flags from
+the fields, `cli_flags`), so none of them is written twice.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from pydantic_settings import (
 
 from segserve_server.cpus import available_cpus
 
+__all__ = ["MIB", "Settings", "check_url", "load_settings"]
+
 MIB = 1024 * 1024
 _URL = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
@@ -34,7 +41,10 @@ class Settings(BaseSettings):
     """Everything `segserve serve` can be told. Each field is also SEGSERVE_<FIELD_NAME>."""
 
     model_config = SettingsConfigDict(
-        env_prefix="SEGSERVE_", extra="forbid", env_parse_none_str="off"
+        env_prefix="SEGSERVE_",
+        extra="forbid",
+        env_parse_none_str="off",
+        use_attribute_docstrings=True,
     )
 
     model_repository: Path = Path("model_repository")
@@ -52,7 +62,7 @@ class Settings(BaseSettings):
     kserve_port: int | None = Field(8001, ge=0, le=65535)
     """gRPC port of the KServe v2 / Triton protocol (inference.GRPCInferenceService, as Triton's
     own 8001): every model with raw tensors, and `<model>.image` with encoded images. 0 picks a
-    free port; unset disables it."""
+    free port; "off" disables it."""
 
     kserve_max_images_per_request: int = Field(64, ge=1)
     """Most images one KServe `<model>.image` request may carry (its IMAGE_BYTES batch)."""
@@ -78,7 +88,9 @@ class Settings(BaseSettings):
     single-threaded lane per core, one image each, and a lone request on all cores; elsewhere
     ONNX Runtime's own choice. A number: one session of that many threads, the config's batching."""
 
-    ort_providers: Annotated[list[str] | None, NoDecode] = None
+    ort_providers: Annotated[list[str] | None, NoDecode] = Field(
+        None, json_schema_extra={"flag": "ort-provider"}
+    )
     """ONNX Runtime execution providers to use, overriding each model's config.pbtxt choice."""
 
     jpeg_dct_scaling: bool = True
@@ -94,7 +106,9 @@ class Settings(BaseSettings):
     """Backend of the models whose config.pbtxt names none (parameters segserve.backend):
     ONNX Runtime in-process, or the Triton servers of triton_urls."""
 
-    triton_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    triton_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, json_schema_extra={"flag": "triton-url"}
+    )
     """Triton servers (host:port of their gRPC endpoint) that run the models on the Triton backend
     unless a model lists its own in parameters segserve.triton_urls. The flag repeats; the
     environment variable takes a comma-separated list."""
@@ -104,7 +118,8 @@ class Settings(BaseSettings):
 
     triton_timeout_s: float = Field(30.0, gt=0)
     """Longest wait for one batch on a Triton server; past it the server is ejected and the batch
-    is retried on another."""
+    is retried on another. A batch whose requests have less time left is sent with that time
+    instead, and its deadline passing is never the server's fault (no ejection, no retry)."""
 
     triton_health_interval_s: float = Field(1.0, gt=0)
     """How often an ejected Triton server is probed (server ready and model ready) to readmit it."""
