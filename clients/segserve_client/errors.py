@@ -15,6 +15,7 @@ import grpc
 __all__ = [
     "FrameFailed",
     "SegserveError",
+    "rpc_errors",
     "status_code",
 ]
 

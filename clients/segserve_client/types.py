@@ -36,6 +36,8 @@ __all__ = [
     "ImageInput",
     "ModelInfo",
     "ModelSummary",
+    "ReadinessWait",
+    "RequestFeed",
     "SegmentOptions",
     "Segmentation",
     "StageTimings",
@@ -45,6 +47,7 @@ __all__ = [
     "encoding_name",
     "image_proto",
     "raw_image",
+    "stream_result",
 ]
 
 ImageInput: TypeAlias = bytes | bytearray | memoryview | str | os.PathLike[str] | np.ndarray

@@ -25,7 +25,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MODELS", "DeepLabV3Plus", "UNet", "build_model", "deeplabv3plus", "unet"]
+__all__ = [
+    "ASPP",
+    "MODELS",
+    "BasicBlock",
+    "DeepLabV3Plus",
+    "UNet",
+    "build_model",
+    "conv_bn_relu",
+    "deeplabv3plus",
+    "init_weights",
+    "resize_to",
+    "sep_conv",
+    "unet",
+]
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 

@@ -25,7 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["LabelsHead", "check_against_torch", "export_onnx", "load_checkpoint"]
+__all__ = [
+    "LabelsHead",
+    "check_against_torch",
+    "export_onnx",
+    "load_checkpoint",
+    "main",
+]
 
 
 class LabelsHead(nn.Module):
