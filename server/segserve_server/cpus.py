@@ -10,6 +10,8 @@ import math
 import os
 from pathlib import Path
 
+__all__ = ["CGROUP_ROOT", "available_cpus", "cgroup_cpu_quota"]
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 

@@ -8,6 +8,17 @@ from __future__ import annotations
 
 import grpc
 
+__all__ = [
+    "DeadlineExceeded",
+    "InferenceFailed",
+    "InvalidArgument",
+    "ModelConfigError",
+    "ModelNotFound",
+    "ModelUnavailable",
+    "QueueFull",
+    "SegserveError",
+]
+
 
 class SegserveError(Exception):
     """Base class: a failure with a gRPC status code and a message for people."""

@@ -6,6 +6,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+__all__ = ["BATCH_BUCKETS", "LATENCY_BUCKETS_S", "STAGES", "Metrics"]
+
 LATENCY_BUCKETS_S = (
     0.001,
     0.0025,

@@ -29,6 +29,20 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from segserve_server.errors import ModelConfigError
 
+__all__ = [
+    "CONFIG_FILE",
+    "DEFAULT_MODEL_FILENAMES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "BatchingConfig",
+    "ModelClass",
+    "ModelConfig",
+    "RepositoryEntry",
+    "default_palette",
+    "parse_config",
+    "scan_repository",
+]
+
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.pbtxt"
@@ -131,13 +145,14 @@ class RepositoryEntry:
 
 def _parameter(raw: mc.ModelConfig, key: str) -> str | None:
     if key in raw.parameters:
-        return raw.parameters[key].string_value
+        value: str = raw.parameters[key].string_value
+        return value
     return None
 
 
 def _floats(
     raw: mc.ModelConfig, key: str, default: tuple[float, float, float]
-) -> tuple[float, ...]:
+) -> tuple[float, float, float]:
     text = _parameter(raw, key)
     if text is None:
         return default
@@ -149,7 +164,7 @@ def _floats(
         ) from exc
     if len(values) != 3:
         raise ModelConfigError(f"parameter {key} = {text!r} needs 3 values, one per channel")
-    return values
+    return values[0], values[1], values[2]
 
 
 def _colors(raw: mc.ModelConfig, count: int) -> list[tuple[int, int, int]]:
@@ -287,8 +302,8 @@ def parse_config(text: str, model_dir: Path) -> ModelConfig:
         classes=tuple(
             ModelClass(i, n, c) for i, (n, c) in enumerate(zip(names, colors, strict=True))
         ),
-        mean=_floats(raw, "segserve.mean", IMAGENET_MEAN),  # type: ignore[arg-type]
-        std=std,  # type: ignore[arg-type]
+        mean=_floats(raw, "segserve.mean", IMAGENET_MEAN),
+        std=std,
         channel_order=channel_order,
         batching=_batching(raw),
         instance_count=max(1, sum(g.count or 1 for g in groups) if groups else 1),

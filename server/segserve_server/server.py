@@ -28,6 +28,8 @@ from segserve_server.core.service import SegmentationCore
 from segserve_server.core.tensors import TensorAPI
 from segserve_server.settings import Settings
 
+__all__ = ["NOT_SERVING", "SEGMENTATION_SERVICE", "SERVING", "Server", "serve"]
+
 log = logging.getLogger(__name__)
 
 SEGMENTATION_SERVICE = pb.DESCRIPTOR.services_by_name["Segmentation"].full_name
@@ -158,9 +160,10 @@ class Server:
 def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
     address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
     try:
-        return server.add_insecure_port(address)
+        bound: int = server.add_insecure_port(address)
     except RuntimeError as exc:
         raise OSError(f"cannot bind gRPC port {address}: {exc} (is it in use?)") from exc
+    return bound
 
 
 async def serve(settings: Settings) -> None:

@@ -6,3 +6,5 @@
 - `grpc_helpers`: what both gRPC adapters share: message parsing, deadlines, the one place a
   SegserveError becomes a status, handler tables and the drain answer.
 """
+
+__all__: list[str] = []

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -38,18 +38,25 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 A = TypeVar("A")
 
-Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-Streaming = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], AsyncIterator[Any]]
+# A servicer's methods, on parsed requests (each takes its own message type, hence Any) ...
+Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
+Streaming = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], AsyncIterator[Message]]
+# ... and the handlers gRPC calls, on the serialized requests.
+UnaryHandler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Message]]
+StreamingHandler = Callable[
+    [AsyncIterator[bytes], grpc.aio.ServicerContext], AsyncIterator[Message]
+]
 
 
 def parse(message_cls: type[M], data: bytes) -> M:
     """The message, or InvalidArgument naming the type it should have been."""
     try:
-        return message_cls.FromString(data)
+        message: M = message_cls.FromString(data)
     except DecodeError as exc:
         raise InvalidArgument(
             f"request is not a valid {message_cls.DESCRIPTOR.full_name} message: {exc}"
         ) from exc
+    return message
 
 
 async def parsed_frames(
@@ -77,8 +84,8 @@ def as_segserve_error(exc: Exception, where: str) -> SegserveError:
     return InferenceFailed(f"internal error: {type(exc).__name__}: {exc}")
 
 
-def _unary(request_cls: type[Message], behaviour: Unary, where: str) -> Unary:
-    async def handle(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+def _unary(request_cls: type[Message], behaviour: Unary, where: str) -> UnaryHandler:
+    async def handle(data: bytes, context: grpc.aio.ServicerContext) -> Message:
         try:
             return await behaviour(parse(request_cls, data), context)
         except grpc.aio.AbortError:
@@ -90,10 +97,10 @@ def _unary(request_cls: type[Message], behaviour: Unary, where: str) -> Unary:
     return handle
 
 
-def _streaming(request_cls: type[Message], behaviour: Streaming, where: str) -> Streaming:
+def _streaming(request_cls: type[Message], behaviour: Streaming, where: str) -> StreamingHandler:
     async def handle(
         frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncIterator[Message]:
         try:
             async for answer in behaviour(parsed_frames(request_cls, frames), context):
                 yield answer
@@ -106,8 +113,8 @@ def _streaming(request_cls: type[Message], behaviour: Streaming, where: str) -> 
     return handle
 
 
-def _refuse(message: str) -> Unary:
-    async def handle(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+def _refuse(message: str) -> UnaryHandler:
+    async def handle(data: bytes, context: grpc.aio.ServicerContext) -> Message:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
 
     return handle
@@ -151,7 +158,7 @@ def handler_table(
 
 async def ordered_stream(
     frames: AsyncIterator[M | InvalidArgument],
-    answer: Callable[[M | InvalidArgument], Awaitable[A]],
+    answer: Callable[[M | InvalidArgument], Coroutine[Any, Any, A]],
     context: grpc.aio.ServicerContext,
     *,
     max_inflight: int,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 from tritonclient.grpc import service_pb2 as kserve
@@ -29,7 +28,7 @@ from segserve_server.adapters.grpc_helpers import (
 )
 from segserve_server.adapters.kserve_tensors import encode_result, parse_version, to_infer_request
 from segserve_server.core.models import ModelState
-from segserve_server.core.tensors import Route, TensorAPI, TensorSpec
+from segserve_server.core.tensors import Duration, Route, TensorAPI, TensorSpec
 from segserve_server.errors import InvalidArgument, ModelUnavailable, SegserveError
 
 __all__ = ["EXTENSIONS", "IMPLEMENTED", "SERVICE_NAME", "KServeServicer", "kserve_handler"]
@@ -59,7 +58,7 @@ _STATES = {
 }
 
 
-def _duration(duration: Any) -> kserve.StatisticDuration:
+def _duration(duration: Duration) -> kserve.StatisticDuration:
     return kserve.StatisticDuration(count=duration.count, ns=round(duration.seconds * 1e9))
 
 

@@ -24,7 +24,7 @@ from segserve_server.core.models import Model, ModelState, ModelVersion
 from segserve_server.core.requests import MaskEncoding, SegmentInput, SegmentOutput
 from segserve_server.core.service import SegmentationCore
 from segserve_server.errors import InvalidArgument, ModelNotFound, SegserveError
-from segserve_server.pipeline.decode import RawPixels
+from segserve_server.pipeline.decode import ChannelOrder, RawPixels
 
 __all__ = [
     "SegmentationServicer",
@@ -37,18 +37,18 @@ __all__ = [
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Segmentation"]
 
-_ENCODINGS = {
+_ENCODINGS: dict[pb.MaskEncoding, MaskEncoding] = {
     pb.MASK_ENCODING_SRLE: MaskEncoding.SRLE,
     pb.MASK_ENCODING_PNG: MaskEncoding.PNG,
     pb.MASK_ENCODING_RAW: MaskEncoding.RAW,
 }
 _ENCODINGS_PB = {value: key for key, value in _ENCODINGS.items()}
-_PIXEL_FORMATS = {
+_PIXEL_FORMATS: dict[pb.PixelFormat, ChannelOrder] = {
     pb.PIXEL_FORMAT_RGB8: "RGB",
     pb.PIXEL_FORMAT_BGR8: "BGR",
     pb.PIXEL_FORMAT_GRAY8: "GRAY",
 }
-_STATES = {
+_STATES: dict[ModelState, pb.ModelState] = {
     ModelState.LOADING: pb.MODEL_STATE_LOADING,
     ModelState.READY: pb.MODEL_STATE_READY,
     ModelState.FAILED: pb.MODEL_STATE_FAILED,
@@ -69,7 +69,7 @@ def to_segment_input(request: pb.SegmentRequest) -> SegmentInput:
         raw = request.image.raw
         if raw.format not in _PIXEL_FORMATS:
             raise InvalidArgument(f"raw image pixel format {raw.format} is not RGB8, BGR8 or GRAY8")
-        image = RawPixels(raw.pixels, raw.width, raw.height, _PIXEL_FORMATS[raw.format])  # type: ignore[arg-type]
+        image = RawPixels(raw.pixels, raw.width, raw.height, _PIXEL_FORMATS[raw.format])
     else:
         raise InvalidArgument("request has no image (set image.encoded or image.raw)")
     encodings = []

@@ -26,6 +26,8 @@ from segserve_server.errors import ModelConfigError
 from segserve_server.model_repository import ModelConfig
 from segserve_server.settings import Settings
 
+__all__ = ["OnnxRuntimeBackend", "choose_providers", "cpu_count"]
+
 log = logging.getLogger(__name__)
 
 
@@ -67,14 +69,18 @@ class OnnxRuntimeBackend(SyncBackend):
             else 0
         )
         threads = 1 if self._lanes else settings.ort_intra_op_threads
-        self._session = self._load(model_path, providers, threads)
-        self._wide_session = self._load(model_path, providers, cores) if self._lanes > 1 else None
+        session = self._load(model_path, providers, threads)
+        # Both None once closed.
+        self._session: ort.InferenceSession | None = session
+        self._wide_session: ort.InferenceSession | None = (
+            self._load(model_path, providers, cores) if self._lanes > 1 else None
+        )
         self._running = 0
         self._running_lock = threading.Lock()
-        self._check_signature(config)
+        self._check_signature(session, config)
         self._input_name = config.input_name
         self._output_name = config.output_name
-        self._provider = self._session.get_providers()[0]
+        self._provider: str = session.get_providers()[0]
         self._warm_up(config)
 
     @staticmethod
@@ -118,9 +124,10 @@ class OnnxRuntimeBackend(SyncBackend):
         except Exception as exc:  # a model that cannot run a zero batch cannot serve
             raise ModelConfigError(f"warm-up inference failed: {exc}") from exc
 
-    def _check_signature(self, config: ModelConfig) -> None:
-        inputs = {i.name: i for i in self._session.get_inputs()}
-        outputs = {o.name: o for o in self._session.get_outputs()}
+    @staticmethod
+    def _check_signature(session: ort.InferenceSession, config: ModelConfig) -> None:
+        inputs = {i.name: i for i in session.get_inputs()}
+        outputs = {o.name: o for o in session.get_outputs()}
         if config.input_name not in inputs:
             raise ModelConfigError(
                 f"config input {config.input_name!r} is not in the ONNX model (has {list(inputs)})"
@@ -151,7 +158,7 @@ class OnnxRuntimeBackend(SyncBackend):
 
     def close(self) -> None:
         """Releases the sessions (for callers without a loop, such as `segserve eval`)."""
-        self._session = self._wide_session = None  # type: ignore[assignment]
+        self._session = self._wide_session = None
 
     async def aclose(self) -> None:
         self.close()
@@ -162,6 +169,8 @@ class OnnxRuntimeBackend(SyncBackend):
             self._running += 1
         try:
             session = self._wide_session if alone and self._wide_session else self._session
+            if session is None:
+                raise RuntimeError(f"{self.description} backend is closed")
             (output,) = session.run([self._output_name], {self._input_name: batch})
         finally:
             with self._running_lock:

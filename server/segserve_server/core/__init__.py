@@ -7,3 +7,5 @@
 - `models`: the loaded repository: models, versions and their state; `ReadyVersion` serves.
 - `streams`: one ordered answer per request of a bidirectional stream.
 """
+
+__all__: list[str] = []

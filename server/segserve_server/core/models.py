@@ -22,6 +22,8 @@ from segserve_server.pipeline.batcher import Batcher
 from segserve_server.pipeline.preprocess import Preprocessor
 from segserve_server.settings import Settings
 
+__all__ = ["BatchStats", "Model", "ModelManager", "ModelState", "ModelVersion", "ReadyVersion"]
+
 log = logging.getLogger(__name__)
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, TypeVar
+
+__all__ = ["StreamDrained", "ordered_answers"]
 
 R = TypeVar("R")
 A = TypeVar("A")
@@ -44,7 +46,7 @@ async def _next_or_drain(
 
 async def ordered_answers(
     requests: AsyncIterator[R],
-    answer: Callable[[R], Awaitable[A]],
+    answer: Callable[[R], Coroutine[Any, Any, A]],
     *,
     max_inflight: int,
     draining: asyncio.Event | None = None,
@@ -71,7 +73,7 @@ async def ordered_answers(
                     drained = True
                     return
                 await slots.acquire()  # given back once the request's answer is sent
-                answers.put_nowait(asyncio.create_task(answer(request)))  # type: ignore[arg-type]
+                answers.put_nowait(asyncio.create_task(answer(request)))
         finally:
             answers.put_nowait(None)
 

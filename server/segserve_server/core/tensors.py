@@ -41,6 +41,26 @@ from segserve_server.errors import (
 )
 from segserve_server.model_repository import ModelConfig
 
+__all__ = [
+    "COUNTS_OUTPUT",
+    "DATATYPES",
+    "IMAGE_INPUT",
+    "IMAGE_PARAMETERS",
+    "IMAGE_SUFFIX",
+    "MASK_OUTPUT",
+    "RESERVED_PARAMETERS",
+    "SEQUENCE_PARAMETERS",
+    "SHAPE_OUTPUT",
+    "Duration",
+    "InferRequest",
+    "InferResult",
+    "Route",
+    "RouteStats",
+    "TensorAPI",
+    "TensorSpec",
+    "datatype_of",
+]
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIX = ".image"

@@ -40,6 +40,8 @@ from segserve_server.errors import (
 )
 from segserve_server.model_repository import BatchingConfig
 
+__all__ = ["BatchOutcome", "Batcher", "batch_deadline", "plan_batch"]
+
 log = logging.getLogger(__name__)
 
 

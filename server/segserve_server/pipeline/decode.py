@@ -19,6 +19,21 @@ import simplejpeg
 
 from segserve_server.errors import InvalidArgument
 
+__all__ = [
+    "FAST_DCT_SCALES",
+    "RAW_CHANNELS",
+    "ChannelOrder",
+    "DecodedImage",
+    "ImageLimits",
+    "RawPixels",
+    "check_size",
+    "dct_scaled_size",
+    "decode",
+    "from_raw",
+    "image_size",
+    "sniff_format",
+]
+
 ChannelOrder = Literal["RGB", "BGR", "GRAY"]
 RAW_CHANNELS: dict[str, int] = {"RGB": 3, "BGR": 3, "GRAY": 1}
 

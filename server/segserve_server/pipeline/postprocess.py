@@ -14,6 +14,16 @@ import numpy as np
 from segserve_server.errors import InferenceFailed
 from segserve_server.model_repository import ModelConfig
 
+__all__ = [
+    "check_output_shape",
+    "class_pixel_counts",
+    "classes_present",
+    "label_map",
+    "postprocess",
+    "resize_labels",
+    "to_label_map",
+]
+
 
 def to_label_map(output: np.ndarray, config: ModelConfig) -> np.ndarray:
     """(H, W) class ids, or (C, H, W) scores reduced by argmax, as a (H, W) uint8 map."""

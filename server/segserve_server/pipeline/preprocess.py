@@ -8,6 +8,8 @@ import numpy as np
 from segserve_server.model_repository import ModelConfig
 from segserve_server.pipeline.decode import DecodedImage
 
+__all__ = ["Preprocessor"]
+
 
 class Preprocessor:
     """Turns DecodedImage into one model input (no batch dim): resize, channel order, normalise.

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 import tritonclient.grpc as triton_grpc
@@ -35,6 +35,8 @@ from segserve_server.backends.triton.pool import EndpointPool
 from segserve_server.errors import InferenceFailed, ModelConfigError, SegserveError
 from segserve_server.model_repository import ModelConfig
 from segserve_server.settings import Settings, check_url
+
+__all__ = ["TritonBackend", "triton_target"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,19 @@ def triton_target(
             "number or 'latest'"
         )
     return urls, _parameter(config, "segserve.triton_model") or config.name, remote_version
+
+
+class _TensorMetadata(Protocol):
+    """One input or output of a Triton server's model metadata (its TensorMetadata message)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def datatype(self) -> str: ...
+
+    @property
+    def shape(self) -> Iterable[int]: ...
 
 
 class TritonBackend(AsyncBackend):
@@ -128,7 +143,11 @@ class TritonBackend(AsyncBackend):
         self._check_tensor("output", config.output_name, wanted_output, metadata.outputs)
 
     def _check_tensor(
-        self, kind: str, name: str, wanted: tuple[str, list[int]], tensors: Iterable[Any]
+        self,
+        kind: str,
+        name: str,
+        wanted: tuple[str, list[int]],
+        tensors: Iterable[_TensorMetadata],
     ) -> None:
         remote = {t.name: t for t in tensors}
         if name not in remote:
@@ -169,7 +188,7 @@ class TritonBackend(AsyncBackend):
             client_timeout=timeout_s,
         )
         try:
-            output = result.as_numpy(self._config.output_name)
+            output: np.ndarray | None = result.as_numpy(self._config.output_name)
         except InferenceServerException as exc:
             raise InferenceFailed(f"Triton answered an unreadable output: {exc}") from exc
         if output is None:

@@ -36,6 +36,8 @@ from tritonclient.utils import InferenceServerException
 from segserve_server.errors import DeadlineExceeded, InferenceFailed, ModelUnavailable, QueueFull
 from segserve_server.settings import check_url
 
+__all__ = ["Endpoint", "EndpointPool", "EndpointState", "PoolStats"]
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
