@@ -158,18 +158,23 @@ def handler_table(
 
 async def ordered_stream(
     frames: AsyncIterator[M | InvalidArgument],
-    answer: Callable[[M | InvalidArgument], Coroutine[Any, Any, A]],
+    answer: Callable[[M | InvalidArgument, float | None], Coroutine[Any, Any, A]],
     context: grpc.aio.ServicerContext,
-    *,
     max_inflight: int,
     draining: asyncio.Event | None,
     what: str,
 ) -> AsyncIterator[A]:
-    """One answer per frame, in frame order (core.streams.ordered_answers); when the server
-    drains, every frame read is answered and the stream ends with UNAVAILABLE."""
+    """answer(frame, the call's deadline) for every frame, in frame order
+    (core.streams.ordered_answers): at most max_inflight frames read and not yet answered. When
+    the server drains, reading stops, every frame read is answered, and the stream ends with
+    UNAVAILABLE."""
+    deadline_s = deadline_of(context)
     try:
         async for result in ordered_answers(
-            frames, answer, max_inflight=max_inflight, draining=draining
+            frames,
+            lambda frame: answer(frame, deadline_s),
+            max_inflight=max_inflight,
+            draining=draining,
         ):
             yield result
     except StreamDrained:

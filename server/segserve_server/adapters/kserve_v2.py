@@ -49,6 +49,8 @@ IMPLEMENTED = (
     "RepositoryIndex",
     "ModelStatistics",
 )
+# Triton's InferStatistics durations, each a RouteStats field of the same name.
+STAT_DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
 EXTENSIONS = ("model_configuration", "statistics", "parameters", "segserve_image")
 _STATES = {
     ModelState.READY: "READY",
@@ -208,12 +210,7 @@ class KServeServicer:
                 )
                 entry.inference_stats.CopyFrom(
                     kserve.InferStatistics(
-                        success=_duration(stats.success),
-                        fail=_duration(stats.fail),
-                        queue=_duration(stats.queue),
-                        compute_input=_duration(stats.compute_input),
-                        compute_infer=_duration(stats.compute_infer),
-                        compute_output=_duration(stats.compute_output),
+                        **{name: _duration(getattr(stats, name)) for name in STAT_DURATIONS}
                     )
                 )
                 if not route.image:
@@ -252,7 +249,7 @@ class KServeServicer:
             return _stream_error(request, as_segserve_error(exc, "a ModelStreamInfer request"))
         return kserve.ModelStreamInferResponse(infer_response=response)
 
-    async def ModelStreamInfer(
+    def ModelStreamInfer(
         self,
         frames: AsyncIterator[kserve.ModelInferRequest | InvalidArgument],
         context: grpc.aio.ServicerContext,
@@ -270,16 +267,8 @@ class KServeServicer:
         goes on. When the server drains, reading stops, every request read is answered, and the
         stream ends with UNAVAILABLE.
         """
-        deadline_s = deadline_of(context)
-        async for answer in ordered_stream(
-            frames,
-            lambda request: self._stream_answer(request, deadline_s),
-            context,
-            max_inflight=self._max_inflight,
-            draining=self.draining,
-            what="request",
-        ):
-            yield answer
+        limit = self._max_inflight
+        return ordered_stream(frames, self._stream_answer, context, limit, self.draining, "request")
 
 
 def _stream_error(

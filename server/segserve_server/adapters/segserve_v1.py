@@ -109,14 +109,9 @@ def to_segment_response(output: SegmentOutput) -> pb.SegmentResponse:
         model=output.model,
         model_version=output.model_version,
         timings=pb.StageTimings(
-            decode_us=_us(t.decode),
-            preprocess_us=_us(t.preprocess),
-            queue_us=_us(t.queue),
-            infer_us=_us(t.infer),
-            postprocess_us=_us(t.postprocess),
-            encode_us=_us(t.encode),
-            total_us=_us(t.total),
             batch_size=t.batch_size,
+            total_us=_us(t.total),
+            **{f"{stage}_us": _us(seconds) for stage, seconds in t.stages()},
         ),
     )
 
@@ -205,25 +200,15 @@ class SegmentationServicer:
             frame_id=frame.frame_id, response=to_segment_response(output)
         )
 
-    async def SegmentStream(
+    def SegmentStream(
         self,
         frames: AsyncIterator[pb.SegmentStreamRequest | InvalidArgument],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.SegmentStreamResponse]:
-        """Answers frames in arrival order while later ones run (see ordered_answers): at most
-        max_inflight_frames frames read and not yet answered. When the server drains, reading
-        stops, every frame already read is answered, and the stream ends with UNAVAILABLE.
-        """
-        deadline_s = deadline_of(context)
-        async for answer in ordered_stream(
-            frames,
-            lambda frame: self._frame(frame, deadline_s),
-            context,
-            max_inflight=self._max_inflight_frames,
-            draining=self.draining,
-            what="frame",
-        ):
-            yield answer
+        """Answers frames in arrival order while later ones run (grpc_helpers.ordered_stream):
+        at most max_inflight_frames frames read and not yet answered."""
+        limit = self._max_inflight_frames
+        return ordered_stream(frames, self._frame, context, limit, self.draining, "frame")
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
