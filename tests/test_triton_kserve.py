@@ -674,3 +674,29 @@ async def test_malformed_stream_request_is_answered_in_its_place(kserve_url):
     assert answers[0].error_message == answers[2].error_message == ""
     assert answers[1].error_message.startswith("INVALID_ARGUMENT: ")
     assert "not a valid inference.ModelInferRequest" in answers[1].error_message
+
+
+async def test_tensor_requests_are_counted_and_timed_like_images(client, server):
+    """The raw-tensor route runs through the core: the same request counter, end-to-end latency
+    and stage histograms as the image route."""
+    registry = server.core.metrics.registry
+
+    def value(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, {"model": "colour", **labels}) or 0.0
+
+    before = (
+        value("segserve_requests_total", code="OK"),
+        value("segserve_request_duration_seconds_count"),
+        value("segserve_stage_duration_seconds_count", stage="infer"),
+        value("segserve_stage_duration_seconds_count", stage="queue"),
+    )
+    x = np.stack([as_tensor(QUADRANT)] * 2)
+    result = await client.infer("colour", [tensor_input("image", x, "FP32")])
+    assert result.as_numpy("labels").shape == (2, H, W)
+    after = (
+        value("segserve_requests_total", code="OK"),
+        value("segserve_request_duration_seconds_count"),
+        value("segserve_stage_duration_seconds_count", stage="infer"),
+        value("segserve_stage_duration_seconds_count", stage="queue"),
+    )
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1, 1]

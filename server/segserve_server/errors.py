@@ -1,7 +1,7 @@
 """The one exception hierarchy of segserve; each error carries the gRPC status code it maps to.
 
-Each gRPC surface converts these to statuses in one place of its own: grpc_service._as_segserve_error
-/ _status_of for segserve.v1, triton/kserve_service for the KServe v2 port.
+They become gRPC statuses in one place, `adapters.grpc_helpers` (shared by the segserve.v1 and
+KServe v2 adapters); anything else that escapes a handler is logged there and becomes INTERNAL.
 """
 
 from __future__ import annotations

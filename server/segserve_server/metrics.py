@@ -32,7 +32,7 @@ STAGES = ("decode", "preprocess", "queue", "infer", "postprocess", "encode")
 
 
 class Metrics:
-    """The metric families; names and labels are listed in the README."""
+    """The metric families; names and labels are listed in docs/metrics.md."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from segserve_server.backends.base import AsyncBackend, Backend
+from segserve_server.backends.base import AsyncBackend, Backend, SyncBackend
 from segserve_server.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -307,7 +307,7 @@ class Batcher:
             outputs = maybe
         else:
             loop = asyncio.get_running_loop()
-            outputs = await loop.run_in_executor(self._executor, self._infer, tensors)
+            outputs = await loop.run_in_executor(self._executor, self._infer, backend, tensors)
         infer_s = time.monotonic() - started
         for pending, output in zip(batch, outputs, strict=True):
             _resolve(
@@ -332,10 +332,8 @@ class Batcher:
                 f"model {self._name} failed on a batch of {count}: {exc}"
             ) from exc
 
-    def _infer(self, tensors: list[np.ndarray]) -> np.ndarray:
+    def _infer(self, backend: SyncBackend, tensors: list[np.ndarray]) -> np.ndarray:
         """Runs in the model's executor: stacks the inputs, runs the backend, checks the size."""
-        backend = self._backend
-        assert not isinstance(backend, AsyncBackend)  # dispatched in _run_once
         with self._backend_errors(len(tensors)):
             outputs = np.asarray(backend.infer(_stack(tensors)))
         return self._checked(outputs, len(tensors))
