@@ -121,7 +121,7 @@ async def test_bad_requests(stub):
     twice.encodings.extend([pb.MASK_ENCODING_PNG, pb.MASK_ENCODING_PNG])
     await expect_status(stub, twice, INVALID, "repeat")
     unknown = with_image(PNG)
-    unknown.encodings.append(42)  # type: ignore[arg-type]
+    unknown.encodings.append(42)  # a value the enum does not define
     await expect_status(stub, unknown, INVALID, "mask encoding 42")
 
 
@@ -161,8 +161,10 @@ async def test_the_server_enforces_the_deadline(stub, server):
         await call
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     await wait_for(
-        lambda: sample(server, "segserve_requests_total", model=model, code="DEADLINE_EXCEEDED")
-        == counted + 1
+        lambda: (
+            sample(server, "segserve_requests_total", model=model, code="DEADLINE_EXCEEDED")
+            == counted + 1
+        )
     )
     await wait_for(lambda: batcher.queue_depth == 0)
     assert sample(server, "segserve_batch_size_count", model=model) == batches  # never ran
@@ -182,8 +184,10 @@ async def test_cancelled_requests_leave_the_server_serving(stub, server):
             await call
     await wait_for(lambda: batcher.queue_depth == 0)  # they left the queue at once
     await wait_for(
-        lambda: sample(server, "segserve_requests_total", model=model, code="CANCELLED")
-        == cancelled + 3
+        lambda: (
+            sample(server, "segserve_requests_total", model=model, code="CANCELLED")
+            == cancelled + 3
+        )
     )
     answers = await asyncio.gather(
         *(stub.Segment(with_image(PNG, "colour_busy")) for _ in range(3))

@@ -20,7 +20,7 @@ import pytest
 from segserve_server.backends.base import AsyncBackend, SyncBackend
 from segserve_server.errors import DeadlineExceeded, InferenceFailed, ModelUnavailable, QueueFull
 from segserve_server.model_repository import BatchingConfig
-from segserve_server.pipeline.batcher import Batcher, batch_deadline, plan_batch
+from segserve_server.pipeline.batcher import Batcher, BatchOutcome, batch_deadline, plan_batch
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -143,6 +143,7 @@ async def test_a_bad_input_fails_only_itself():
         *(batcher.submit(item(v)) for v in (1, -1, 3)), return_exceptions=True
     )
     assert backend.batches[0] == [1.0, -1.0, 3.0]  # the batch failed, then ran one by one
+    assert isinstance(results[0], BatchOutcome) and isinstance(results[2], BatchOutcome)
     assert results[0].output[0] == 10 and results[2].output[0] == 30
     assert isinstance(results[1], InferenceFailed) and "poison" in str(results[1])
     await batcher.stop()
@@ -205,6 +206,7 @@ async def test_one_by_one_retry_skips_requests_that_expired_meanwhile():
     await past(soon)  # meanwhile request 3's deadline passes
     backend.gate.set()
     results = await asyncio.gather(*futures, return_exceptions=True)
+    assert isinstance(results[0], BatchOutcome)
     assert results[0].output[0] == 10
     assert isinstance(results[1], InferenceFailed)
     assert isinstance(results[2], DeadlineExceeded)

@@ -9,7 +9,13 @@ import cv2
 import numpy as np
 import pytest
 
-from segserve_client import AsyncSegserveClient, FrameFailed, SegserveClient, SegserveError
+from segserve_client import (
+    AsyncSegserveClient,
+    FrameFailed,
+    Segmentation,
+    SegserveClient,
+    SegserveError,
+)
 from segserve_client.cli import main as client_main
 from segserve_client.masks import decode_png
 from tests.conftest import H, W, encode, quadrant_image
@@ -39,7 +45,9 @@ async def test_sync_client(target):
             answers = list(client.stream(frames, "colour"))
             assert [frame_id for frame_id, _ in answers] == [0, 1, 2, 3, 4]
             assert isinstance(answers[2][1], FrameFailed)
-            np.testing.assert_array_equal(answers[4][1].labels, EXPECTED)
+            last = answers[4][1]
+            assert isinstance(last, Segmentation)
+            np.testing.assert_array_equal(last.labels, EXPECTED)
             info = client.get_model("colour")
             assert info.palette[: len(COLOUR_PALETTE)] == list(COLOUR_PALETTE)
             assert {m.name for m in client.list_models()} >= {"colour", "broken_config"}
@@ -79,6 +87,7 @@ async def test_cli_segment_writes_mask_and_overlay(target, tmp_path, capsys):
     labels, palette = decode_png(mask.read_bytes())
     coloured = cv2.imread(str(mask), cv2.IMREAD_COLOR_RGB)
     blended = cv2.imread(str(overlay), cv2.IMREAD_COLOR_RGB)
+    assert coloured is not None and blended is not None
     assert labels.shape == (H * 5, W * 5)
     assert (labels[10, 10], labels[-10, -10]) == (1, 4) and palette is not None
     assert tuple(coloured[10, 10]) == COLOUR_PALETTE[1]  # the palette shows the class colour

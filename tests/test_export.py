@@ -61,17 +61,26 @@ def trained_tiny() -> TinySegmenter:
     """The "trained" weights: random, but fixed, and different from a fresh factory call."""
     torch.manual_seed(1234)
     model = TinySegmenter(len(CLASSES))
+    norm = model.body[3]
+    assert isinstance(norm, nn.BatchNorm2d)
+    assert norm.running_mean is not None and norm.running_var is not None
     with torch.no_grad():
-        model.body[3].running_mean.uniform_(-0.5, 0.5)
-        model.body[3].running_var.uniform_(0.5, 2.0)
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
     return model.eval()
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    bgr = cv2.imread(str(path))
+    assert bgr is not None, f"cannot read {path}"
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def street_images(count: int) -> list[np.ndarray]:
     """RGB frames: CamVid val frames where present, else synthetic scenes (gradients, shapes)."""
     frames = sorted((CAMVID / "val").glob("*.png"))[:: 101 // count or 1][:count]
     if frames:
-        return [cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB) for f in frames]
+        return [read_rgb(f) for f in frames]
     rng = np.random.default_rng(0)
     images = []
     for _ in range(count):
@@ -92,7 +101,9 @@ def png(rgb: np.ndarray) -> bytes:
 
 def torch_labels(model: nn.Module, rgb: np.ndarray) -> np.ndarray:
     """torch's argmax for an (H, W, 3) RGB image at the model size, normalised here by hand."""
-    x = (rgb.astype(np.float32) / 255.0 - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
+    mean = np.array(IMAGENET_MEAN, dtype=np.float32)
+    std = np.array(IMAGENET_STD, dtype=np.float32)
+    x = (rgb.astype(np.float32) / 255.0 - mean) / std
     with torch.no_grad():
         scores = model(torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[None])))
     return scores.argmax(1)[0].numpy().astype(np.uint8)
@@ -163,13 +174,13 @@ def test_entry_parses(exported: Path):
     assert (config.name, config.platform) == ("tiny", "onnxruntime_onnx")
     assert (config.input_name, config.input_dtype, config.input_layout) == (
         "image",
-        np.float32,
+        np.dtype(np.float32),
         "NCHW",
     )
     assert (config.input_height, config.input_width) == (H, W)
     assert (config.output_name, config.output_dtype, config.outputs_labels) == (
         "labels",
-        np.uint8,
+        np.dtype(np.uint8),
         True,
     )
     assert [c.name for c in config.classes] == list(CLASSES)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TypedDict, Unpack
 
 import cv2
 import grpc
@@ -19,8 +20,18 @@ from tests.harness.synthetic_models import COLOUR_PALETTE, expected_colour_label
 EXPECTED_QUADRANTS = expected_colour_labels(quadrant_image())
 
 
+class SegmentFields(TypedDict, total=False):
+    """SegmentRequest's fields besides model and image."""
+
+    model_version: int
+    encodings: list[pb.MaskEncoding]
+    output_size: pb.OutputSize
+    include_pixel_counts: bool
+    embed_palette: bool
+
+
 def request(
-    model: str = "colour", image: bytes | None = None, **fields: object
+    model: str = "colour", image: bytes | None = None, **fields: Unpack[SegmentFields]
 ) -> pb.SegmentRequest:
     data = encode(quadrant_image()) if image is None else image
     return pb.SegmentRequest(model=model, image=pb.Image(encoded=data), **fields)

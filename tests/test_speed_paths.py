@@ -39,7 +39,9 @@ LIMITS = decode.ImageLimits(40_000_000, 16384)
         ((1920, 1080), None, (0, 0)),
     ],
 )
-def test_dct_scaled_size(size, min_size, expected):
+def test_dct_scaled_size(
+    size: tuple[int, int], min_size: tuple[int, int] | None, expected: tuple[int, int]
+) -> None:
     assert decode.dct_scaled_size(*size, min_size) == expected
 
 

@@ -10,6 +10,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TypedDict
 
 import grpc
 import numpy as np
@@ -56,9 +57,14 @@ def on_triton(remote: str, **more: str) -> str:
     return parameters(**{"segserve.backend": "triton", "segserve.triton_model": remote, **more})
 
 
+class Batching(TypedDict):
+    max_batch_size: int
+    max_queue_delay_us: int
+
+
 def build_segserve_repository(root: Path, server_a: str) -> Path:
     """Each in-process model beside its twin on Triton (the same ONNX there)."""
-    batching = {"max_batch_size": 8, "max_queue_delay_us": 2000}
+    batching = Batching(max_batch_size=8, max_queue_delay_us=2000)
     write_entry(root, "colour", H, W, **batching)
     write_entry(root, "colour_triton", H, W, **batching, extra=on_triton("colour"))
     write_entry(root, "colour_logits", H, W, output="logits", max_batch_size=8)
@@ -250,7 +256,8 @@ async def test_failover_loses_no_request_and_the_server_is_readmitted(
             server_a.start()
             ready_s = await asyncio.to_thread(server_a.wait_ready, 90)
 
-    readmit_s = await until(lambda: endpoint_a.state is EndpointState.LIVE, 30, "readmission")
+    # pool.live: the narrowing of endpoint_a.state by the assert above does not hold past awaits.
+    readmit_s = await until(lambda: endpoint_a in pool.live, 30, "readmission")
     only_a = backend_of(triton_segserve, "colour_only_a").pool
     await until(lambda: bool(only_a.live), 30, "readmission of colour_only_a")
     print(
@@ -319,10 +326,12 @@ def test_triton_settings(tmp_path, monkeypatch):
     # A model on the default backend follows default_backend; one that says so stays local.
     write_entry(tmp_path, "local", H, W, extra=parameters(**{"segserve.backend": "onnxruntime"}))
     write_entry(tmp_path, "plain", H, W)
-    entries = {e.name: e for e in scan_repository(tmp_path)}
+    entries = {e.name: e.config for e in scan_repository(tmp_path)}
+    local, plain = entries["local"], entries["plain"]
+    assert local is not None and plain is not None
     settings = make_settings(tmp_path, default_backend="triton", triton_urls=["a:1"])
-    assert backend_name(entries["local"].config, settings) == "onnxruntime"
-    assert backend_name(entries["plain"].config, settings) == "triton"
+    assert backend_name(local, settings) == "onnxruntime"
+    assert backend_name(plain, settings) == "triton"
 
 
 async def test_a_batch_is_sent_with_the_time_its_requests_still_have(triton_segserve):
@@ -340,7 +349,7 @@ async def test_a_batch_is_sent_with_the_time_its_requests_still_have(triton_segs
     assert after.calls == before.calls + 1  # sent once: not retried on the other server
     assert after.ejections == before.ejections and after.retries == before.retries
     assert len(backend.pool.live) == 2
-    with pytest.raises(DeadlineExceeded, match="before model .* batch was sent"):
+    with pytest.raises(DeadlineExceeded, match=r"before model .* batch was sent"):
         await backend.infer(batch, time.monotonic() - 1)  # nobody waits: never sent
     assert backend.pool.stats().calls == after.calls
     output = await backend.infer(batch, None)

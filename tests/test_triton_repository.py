@@ -17,6 +17,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from segserve_server.backends.factory import create_backend
+from segserve_server.backends.onnxruntime import OnnxRuntimeBackend
 from segserve_server.model_repository import scan_repository
 from tests.conftest import ROOT, make_settings
 from tests.harness.triton_local import (
@@ -136,6 +137,7 @@ async def test_bundled_models_answer_as_in_process(bundled_on_triton):
             backend = await asyncio.to_thread(
                 create_backend, config, Path(entry.versions[version]), settings
             )
+            assert isinstance(backend, OnnxRuntimeBackend)  # the in-process reference
             try:
                 local = await asyncio.to_thread(backend.infer, batch)
             finally:

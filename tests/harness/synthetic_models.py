@@ -149,13 +149,33 @@ def write_entry(
     *,
     versions: tuple[int, ...] = (1,),
     busy_layers: int = 0,
-    **config: object,
+    output: str = "labels",
+    max_batch_size: int = 8,
+    preferred_batch_sizes: tuple[int, ...] = (),
+    max_queue_delay_us: int = 0,
+    max_queue_size: int = 0,
+    dynamic_batching: bool = True,
+    extra: str = "",
 ) -> Path:
-    """Writes `root/name/` with config.pbtxt, labels.txt and `<version>/model.onnx` for each version."""
-    output = str(config.get("output", "labels"))
+    """Writes `root/name/` with config.pbtxt, labels.txt and `<version>/model.onnx` for each version.
+
+    The config keywords are config_pbtxt's.
+    """
     model_dir = root / name
     model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "config.pbtxt").write_text(config_pbtxt(name, height, width, **config))  # type: ignore[arg-type]
+    config = config_pbtxt(
+        name,
+        height,
+        width,
+        output=output,
+        max_batch_size=max_batch_size,
+        preferred_batch_sizes=preferred_batch_sizes,
+        max_queue_delay_us=max_queue_delay_us,
+        max_queue_size=max_queue_size,
+        dynamic_batching=dynamic_batching,
+        extra=extra,
+    )
+    (model_dir / "config.pbtxt").write_text(config)
     (model_dir / "labels.txt").write_text("\n".join(COLOUR_CLASSES) + "\n")
     model = colour_classes(height, width, output=output, busy_layers=busy_layers)
     for version in versions:
