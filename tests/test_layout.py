@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import itertools
 import pkgutil
 import subprocess
 import sys
@@ -119,7 +120,8 @@ def test_no_import_loops():
             if state.get(target) == 1:
                 loop = [*trail[trail.index(target) :], target]
                 if not any(
-                    a.startswith(b + ".") or b.startswith(a + ".") for a, b in zip(loop, loop[1:])
+                    a.startswith(b + ".") or b.startswith(a + ".")
+                    for a, b in itertools.pairwise(loop)
                 ):
                     loops.append(loop)
             elif target not in state:
