@@ -53,7 +53,8 @@ def build_test_repository(root: Path) -> Path:
         max_queue_delay_us=30_000_000,
         max_queue_size=6,
     )
-    # Waits 30 s for a batch of 8 and queues at most 2: a full queue is observable.
+    # Waits 30 s for a batch of 8 and queues at most 2: a full queue is observable. Requests
+    # may shorten their queue timeout (Triton's `timeout` parameter, SegmentRequest.timeout_us).
     write_entry(
         root,
         "colour_queue2",
@@ -63,6 +64,7 @@ def build_test_repository(root: Path) -> Path:
         preferred_batch_sizes=(8,),
         max_queue_delay_us=30_000_000,
         max_queue_size=2,
+        allow_timeout_override=True,
     )
     # Slow enough per request (tens of ms) that requests are in flight when a test acts.
     write_entry(root, "colour_busy", 256, 256, busy_layers=24, max_batch_size=2)

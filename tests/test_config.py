@@ -128,3 +128,67 @@ def test_cpu_count_follows_the_container_quota(tmp_path):
     assert cgroup_cpu_quota(tmp_path) == 3
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
     assert cgroup_cpu_quota(tmp_path) is None
+
+
+def test_priority_levels_and_queue_policies_parse_as_triton_has_them(tmp_path):
+    text = (
+        config_pbtxt(
+            "m",
+            32,
+            48,
+            max_queue_size=9,
+            priority_levels=0,
+            extra="",
+        ).replace(
+            "default_queue_policy { max_queue_size: 9 }",
+            "priority_levels: 3 default_priority_level: 2 "
+            "default_queue_policy { max_queue_size: 9 default_timeout_microseconds: 5000 } "
+            "priority_queue_policy { key: 1 value: { timeout_action: DELAY "
+            "default_timeout_microseconds: 100 allow_timeout_override: true max_queue_size: 4 } }",
+        )
+        + 'parameters { key: "segserve.priority_streak_limit" value: { string_value: "3" } }'
+    )
+    priority = parse(text, tmp_path).batching.priority
+    assert (priority.levels, priority.default_level, priority.streak_limit) == (3, 2, 3)
+    assert priority.level_of(0) == 2 and priority.level_of(3) == 3 and priority.level_of(4) == 2
+    assert priority.policy_of(2).max_queue_size == 9
+    assert priority.policy_of(2).default_timeout_us == 5000
+    level1 = priority.policy_of(1)
+    assert (level1.timeout_action, level1.default_timeout_us, level1.max_queue_size) == (
+        "DELAY",
+        100,
+        4,
+    )
+    assert level1.allow_timeout_override
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("priority_levels: 2 default_priority_level: 3", "default_priority_level 3"),
+        ("priority_levels: 2 default_priority_level: 0", "default_priority_level 0"),
+        (
+            "priority_levels: 2 default_priority_level: 1 priority_queue_policy "
+            "{ key: 5 value: { max_queue_size: 1 } }",
+            "names level 5",
+        ),
+    ],
+)
+def test_bad_priority_settings_name_the_value(tmp_path, change, message):
+    text = config_pbtxt("m", 32, 48, priority_levels=0).replace(
+        "default_queue_policy", change + " default_queue_policy"
+    )
+    with pytest.raises(ModelConfigError, match=message):
+        parse(text, tmp_path)
+    bad_streak = config_pbtxt("m", 32, 48) + (
+        'parameters { key: "segserve.priority_streak_limit" value: { string_value: "-2" } }'
+    )
+    with pytest.raises(ModelConfigError, match="priority_streak_limit = '-2'"):
+        parse(bad_streak, tmp_path)
+
+
+def test_the_bundled_models_have_a_real_time_level():
+    for entry in scan_repository(ROOT / "model_repository"):
+        assert entry.config is not None, entry.error
+        priority = entry.config.batching.priority
+        assert (priority.levels, priority.default_level) == (2, 2), entry.name

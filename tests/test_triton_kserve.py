@@ -381,11 +381,12 @@ async def test_queue_limit_and_deadline_apply(client, server):
         "DEADLINE_EXCEEDED",
     )
     await until(lambda: expired() == counted + 1)
-    # The `timeout` parameter (microseconds) is the server's alone: its message is segserve's.
+    # The `timeout` parameter (microseconds) is a queue timeout the model's queue policy lets
+    # requests set (allow_timeout_override): the server's alone, its message segserve's.
     await expect_error(
         client.infer("colour_queue2", [tensor_input("image", x[:1], "FP32")], timeout=300_000),
         "DEADLINE_EXCEEDED",
-        "deadline exceeded before model 'colour_queue2'",
+        "queue timeout passed in colour_queue2",
     )
     await until(lambda: expired() == counted + 2 and batcher.queue_depth == 0)
     assert batches() == ran  # neither request ever ran

@@ -1,8 +1,9 @@
 """Prints the settings table of docs/configuration.md from the Settings fields (their docstrings
 and defaults), so the documentation never restates a setting by hand.
 
-Usage: python tools/settings_table.py [--check docs/configuration.md]
+Usage: python tools/settings_table.py [--check FILE | --write FILE]
   --check FILE  exit 1 if FILE's table (between the BEGIN/END markers) differs.
+  --write FILE  replace FILE's table with the current one.
 """
 
 from __future__ import annotations
@@ -34,20 +35,26 @@ def table() -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", type=Path)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--check", type=Path)
+    mode.add_argument("--write", type=Path)
     args = parser.parse_args()
     generated = f"{BEGIN}\n{table()}\n{END}"
-    if args.check is None:
+    path = args.check or args.write
+    if path is None:
         print(generated)
         return 0
-    text = args.check.read_text()
+    text = path.read_text()
     if BEGIN not in text or END not in text:
-        print(f"{args.check}: no settings table markers", file=sys.stderr)
+        print(f"{path}: no settings table markers", file=sys.stderr)
         return 1
-    current = text[text.index(BEGIN) : text.index(END) + len(END)]
-    if current != generated:
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    if args.write:
+        path.write_text(text[:start] + generated + text[end:])
+        return 0
+    if text[start:end] != generated:
         print(
-            f"{args.check}: settings table is stale; run python tools/settings_table.py",
+            f"{path}: settings table is stale; run python tools/settings_table.py --write {path}",
             file=sys.stderr,
         )
         return 1

@@ -63,6 +63,8 @@ class BatchingInfo:
     preferred_batch_sizes: list[int]
     max_queue_delay_us: int
     max_queue_size: int
+    priority_levels: int = 0  # Triton's; 1 is the highest level, 0: one level
+    default_priority_level: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,8 @@ class ModelInfo:
                 preferred_batch_sizes=list(batching.preferred_batch_sizes),
                 max_queue_delay_us=batching.max_queue_delay_us,
                 max_queue_size=batching.max_queue_size,
+                priority_levels=batching.priority_levels,
+                default_priority_level=batching.default_priority_level,
             ),
             outputs_labels=info.outputs_labels,
             description=info.description,

@@ -10,12 +10,15 @@ import grpc
 
 __all__ = [
     "DeadlineExceeded",
+    "FrameDropped",
+    "FrameExpired",
     "InferenceFailed",
     "InvalidArgument",
     "ModelConfigError",
     "ModelNotFound",
     "ModelUnavailable",
     "QueueFull",
+    "QueueTimeout",
     "SegserveError",
 ]
 
@@ -28,6 +31,13 @@ class SegserveError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    @property
+    def outcome(self) -> str:
+        """How the request counter labels this end: the status code's name, unless a frame's
+        own fate names it better (DROPPED, EXPIRED)."""
+        name: str = self.code.name
+        return name
 
 
 class InvalidArgument(SegserveError):
@@ -58,6 +68,29 @@ class DeadlineExceeded(SegserveError):
     """The request's deadline passed before its answer was ready; it was not run."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class QueueTimeout(DeadlineExceeded):
+    """The model's queue policy timed the request out in the queue (timeout_action REJECT)."""
+
+
+class FrameExpired(DeadlineExceeded):
+    """A stream frame was older than its max age when its batch formed; it never ran."""
+
+    @property
+    def outcome(self) -> str:
+        return "EXPIRED"
+
+
+class FrameDropped(SegserveError):
+    """Stream policy LATEST: a newer frame of the same stream was queued before this one
+    started; it never ran."""
+
+    code = grpc.StatusCode.ABORTED
+
+    @property
+    def outcome(self) -> str:
+        return "DROPPED"
 
 
 class InferenceFailed(SegserveError):

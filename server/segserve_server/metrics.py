@@ -83,6 +83,40 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.queue_wait = Histogram(
+            "segserve_queue_wait_seconds",
+            "Time a request waited in its model's queue for a batch, by priority level.",
+            ["model", "priority"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.stream_frames_received = Counter(
+            "segserve_stream_frames_received",
+            "Stream frames read, by model and stream policy (queue, latest).",
+            ["model", "policy"],
+            registry=r,
+        )
+        self.stream_frames_answered = Counter(
+            "segserve_stream_frames_answered",
+            "Stream frames answered, by model, policy and status (OK, DROPPED, EXPIRED, ERROR).",
+            ["model", "policy", "status"],
+            registry=r,
+        )
+        self.stream_frame_latency = Histogram(
+            "segserve_stream_frame_duration_seconds",
+            "From reading a stream frame to its OK answer, by model and policy.",
+            ["model", "policy"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.stream_capture_to_answer = Histogram(
+            "segserve_stream_capture_to_answer_seconds",
+            "From a frame's capture_time_us (the client's clock) to its OK answer, by model and "
+            "policy; only meaningful where the clocks agree.",
+            ["model", "policy"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.model_ready = Gauge(
             "segserve_model_ready",
             "1 if the model version is loaded and serving, else 0.",

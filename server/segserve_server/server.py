@@ -61,7 +61,7 @@ class Server:
             ("grpc.so_reuseport", 0),
         ]
         self._grpc = grpc.aio.server(options=options)
-        servicer = SegmentationServicer(self.core, max_inflight_frames=s.stream_max_inflight_frames)
+        servicer = SegmentationServicer(self.core)
         servicer.draining = self._draining
         self._grpc.add_generic_rpc_handlers((segmentation_handler(servicer),))
         self._health = health_aio.HealthServicer()
@@ -104,6 +104,7 @@ class Server:
                 self.core, max_images_per_request=self.settings.kserve_max_images_per_request
             ),
             max_inflight_requests=self.settings.stream_max_inflight_frames,
+            deadline_margin_s=self.settings.stream_deadline_margin_s,
         )
         servicer.draining = self._draining
         server.add_generic_rpc_handlers((kserve_handler(servicer),))

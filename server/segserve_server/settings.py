@@ -100,7 +100,19 @@ class Settings(BaseSettings):
     """zlib level of PNG and SRLE masks: 1 is fastest and already small for label maps."""
 
     stream_max_inflight_frames: int = Field(4, ge=1)
-    """Frames of one SegmentStream processed at once; further frames wait (flow control)."""
+    """Frames of one stream processed at once. QUEUE frames hold their place until their answer
+    is sent, so further frames wait to be read (flow control); LATEST frames give it back once
+    answered, and a frame that finds no place waits in a one-frame mailbox, where a newer frame
+    replaces it (DROPPED)."""
+
+    stream_max_unsent_answers: int = Field(64, ge=1)
+    """Frames of one stream read and not yet answered to the client (LATEST streams: mostly
+    small DROPPED answers); past it the server stops reading, so a client that stops reading
+    cannot grow server memory."""
+
+    stream_deadline_margin_s: float = Field(0.1, ge=0)
+    """A stream with a gRPC deadline stops reading frames this long before it passes and
+    answers every frame read (unfinished ones DEADLINE_EXCEEDED) while it can still send."""
 
     default_backend: Literal["onnxruntime", "triton"] = "onnxruntime"
     """Backend of the models whose config.pbtxt names none (parameters segserve.backend):

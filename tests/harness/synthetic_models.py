@@ -103,6 +103,8 @@ def config_pbtxt(
     max_queue_delay_us: int = 0,
     max_queue_size: int = 0,
     dynamic_batching: bool = True,
+    priority_levels: int = 2,
+    allow_timeout_override: bool = False,
     extra: str = "",
 ) -> str:
     """A Triton config.pbtxt for the colour model (valid for Triton's onnxruntime backend)."""
@@ -121,9 +123,15 @@ def config_pbtxt(
             if preferred_batch_sizes
             else ""
         )
+        override = " allow_timeout_override: true" if allow_timeout_override else ""
+        levels = (
+            f"priority_levels: {priority_levels} default_priority_level: {priority_levels} "
+            if priority_levels
+            else ""
+        )
         batching = (
             f"dynamic_batching {{ {preferred} max_queue_delay_microseconds: {max_queue_delay_us} "
-            f"default_queue_policy {{ max_queue_size: {max_queue_size} }} }}"
+            f"{levels}default_queue_policy {{ max_queue_size: {max_queue_size}{override} }} }}"
         )
     colours = ";".join(",".join(map(str, c)) for c in COLOUR_PALETTE)
     return f"""name: "{name}"
@@ -155,6 +163,8 @@ def write_entry(
     max_queue_delay_us: int = 0,
     max_queue_size: int = 0,
     dynamic_batching: bool = True,
+    priority_levels: int = 2,
+    allow_timeout_override: bool = False,
     extra: str = "",
 ) -> Path:
     """Writes `root/name/` with config.pbtxt, labels.txt and `<version>/model.onnx` for each version.
@@ -173,6 +183,8 @@ def write_entry(
         max_queue_delay_us=max_queue_delay_us,
         max_queue_size=max_queue_size,
         dynamic_batching=dynamic_batching,
+        priority_levels=priority_levels,
+        allow_timeout_override=allow_timeout_override,
         extra=extra,
     )
     (model_dir / "config.pbtxt").write_text(config)

@@ -24,21 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asegserve/v1/segserve.proto\x12\x0bsegserve.v1\"c\n\x08RawImage\x12\x0e\n\x06pixels\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12(\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x18.segserve.v1.PixelFormat\"H\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12$\n\x03raw\x18\x02 \x01(\x0b\x32\x15.segserve.v1.RawImageH\x00\x42\x06\n\x04\x64\x61ta\"H\n\x0b\x45ncodedMask\x12+\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x19.segserve.v1.MaskEncoding\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"D\n\rClassPresence\x12\x10\n\x08\x63lass_id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bpixel_count\x18\x03 \x01(\x04\"\xad\x01\n\x0cStageTimings\x12\x11\n\tdecode_us\x18\x01 \x01(\x04\x12\x15\n\rpreprocess_us\x18\x02 \x01(\x04\x12\x10\n\x08queue_us\x18\x03 \x01(\x04\x12\x10\n\x08infer_us\x18\x04 \x01(\x04\x12\x16\n\x0epostprocess_us\x18\x05 \x01(\x04\x12\x11\n\tencode_us\x18\x06 \x01(\x04\x12\x10\n\x08total_us\x18\x07 \x01(\x04\x12\x12\n\nbatch_size\x18\x08 \x01(\r\"\xf0\x01\n\x0eSegmentRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12!\n\x05image\x18\x03 \x01(\x0b\x32\x12.segserve.v1.Image\x12,\n\tencodings\x18\x04 \x03(\x0e\x32\x19.segserve.v1.MaskEncoding\x12,\n\x0boutput_size\x18\x05 \x01(\x0e\x32\x17.segserve.v1.OutputSize\x12\x1c\n\x14include_pixel_counts\x18\x06 \x01(\x08\x12\x15\n\rembed_palette\x18\x07 \x01(\x08J\x04\x08\x08\x10\x10\"\xd8\x01\n\x0fSegmentResponse\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\'\n\x05masks\x18\x03 \x03(\x0b\x32\x18.segserve.v1.EncodedMask\x12+\n\x07\x63lasses\x18\x04 \x03(\x0b\x32\x1a.segserve.v1.ClassPresence\x12\r\n\x05model\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12*\n\x07timings\x18\x07 \x01(\x0b\x32\x19.segserve.v1.StageTimings\"\\\n\x14SegmentStreamRequest\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12,\n\x07request\x18\x02 \x01(\x0b\x32\x1b.segserve.v1.SegmentRequestJ\x04\x08\x03\x10\n\"+\n\nFrameError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8f\x01\n\x15SegmentStreamResponse\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\x30\n\x08response\x18\x02 \x01(\x0b\x32\x1c.segserve.v1.SegmentResponseH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.segserve.v1.FrameErrorH\x00\x42\x08\n\x06result\"\x13\n\x11ListModelsRequest\"\x7f\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\x03\x12\x17\n\x0fserving_version\x18\x03 \x01(\x03\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.segserve.v1.ModelState\x12\x0e\n\x06reason\x18\x05 \x01(\t\"j\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.segserve.v1.ModelSummary\x12)\n\x06limits\x18\x02 \x01(\x0b\x32\x19.segserve.v1.ServerLimits\"[\n\x0cServerLimits\x12\x19\n\x11max_request_bytes\x18\x01 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\x02 \x01(\x04\x12\x16\n\x0emax_image_side\x18\x03 \x01(\r\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"O\n\tClassInfo\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0b\n\x03red\x18\x03 \x01(\r\x12\r\n\x05green\x18\x04 \x01(\r\x12\x0c\n\x04\x62lue\x18\x05 \x01(\r\"y\n\x0c\x42\x61tchingInfo\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x1d\n\x15preferred_batch_sizes\x18\x02 \x03(\r\x12\x1a\n\x12max_queue_delay_us\x18\x03 \x01(\x04\x12\x16\n\x0emax_queue_size\x18\x04 \x01(\r\"\xb3\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.segserve.v1.ModelState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08platform\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x13\n\x0binput_width\x18\x07 \x01(\r\x12\x14\n\x0cinput_height\x18\x08 \x01(\r\x12\'\n\x07\x63lasses\x18\t \x03(\x0b\x32\x16.segserve.v1.ClassInfo\x12+\n\x08\x62\x61tching\x18\n \x01(\x0b\x32\x19.segserve.v1.BatchingInfo\x12\x16\n\x0eoutputs_labels\x18\x0b \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x0c \x01(\t*q\n\x0bPixelFormat\x12\x1c\n\x18PIXEL_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11PIXEL_FORMAT_RGB8\x10\x01\x12\x15\n\x11PIXEL_FORMAT_BGR8\x10\x02\x12\x16\n\x12PIXEL_FORMAT_GRAY8\x10\x03*s\n\x0cMaskEncoding\x12\x1d\n\x19MASK_ENCODING_UNSPECIFIED\x10\x00\x12\x15\n\x11MASK_ENCODING_PNG\x10\x01\x12\x16\n\x12MASK_ENCODING_SRLE\x10\x02\x12\x15\n\x11MASK_ENCODING_RAW\x10\x03*Z\n\nOutputSize\x12\x1b\n\x17OUTPUT_SIZE_UNSPECIFIED\x10\x00\x12\x18\n\x14OUTPUT_SIZE_ORIGINAL\x10\x01\x12\x15\n\x11OUTPUT_SIZE_MODEL\x10\x02*\x8b\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x04\x32\xc1\x02\n\x0cSegmentation\x12\x44\n\x07Segment\x12\x1b.segserve.v1.SegmentRequest\x1a\x1c.segserve.v1.SegmentResponse\x12Z\n\rSegmentStream\x12!.segserve.v1.SegmentStreamRequest\x1a\".segserve.v1.SegmentStreamResponse(\x01\x30\x01\x12M\n\nListModels\x12\x1e.segserve.v1.ListModelsRequest\x1a\x1f.segserve.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.segserve.v1.GetModelRequest\x1a\x16.segserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asegserve/v1/segserve.proto\x12\x0bsegserve.v1\"c\n\x08RawImage\x12\x0e\n\x06pixels\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12(\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x18.segserve.v1.PixelFormat\"H\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12$\n\x03raw\x18\x02 \x01(\x0b\x32\x15.segserve.v1.RawImageH\x00\x42\x06\n\x04\x64\x61ta\"H\n\x0b\x45ncodedMask\x12+\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x19.segserve.v1.MaskEncoding\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"D\n\rClassPresence\x12\x10\n\x08\x63lass_id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bpixel_count\x18\x03 \x01(\x04\"\xad\x01\n\x0cStageTimings\x12\x11\n\tdecode_us\x18\x01 \x01(\x04\x12\x15\n\rpreprocess_us\x18\x02 \x01(\x04\x12\x10\n\x08queue_us\x18\x03 \x01(\x04\x12\x10\n\x08infer_us\x18\x04 \x01(\x04\x12\x16\n\x0epostprocess_us\x18\x05 \x01(\x04\x12\x11\n\tencode_us\x18\x06 \x01(\x04\x12\x10\n\x08total_us\x18\x07 \x01(\x04\x12\x12\n\nbatch_size\x18\x08 \x01(\r\"\x96\x02\n\x0eSegmentRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12!\n\x05image\x18\x03 \x01(\x0b\x32\x12.segserve.v1.Image\x12,\n\tencodings\x18\x04 \x03(\x0e\x32\x19.segserve.v1.MaskEncoding\x12,\n\x0boutput_size\x18\x05 \x01(\x0e\x32\x17.segserve.v1.OutputSize\x12\x1c\n\x14include_pixel_counts\x18\x06 \x01(\x08\x12\x15\n\rembed_palette\x18\x07 \x01(\x08\x12\x10\n\x08priority\x18\x08 \x01(\r\x12\x12\n\ntimeout_us\x18\t \x01(\x04J\x04\x08\n\x10\x10\"\xd8\x01\n\x0fSegmentResponse\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\'\n\x05masks\x18\x03 \x03(\x0b\x32\x18.segserve.v1.EncodedMask\x12+\n\x07\x63lasses\x18\x04 \x03(\x0b\x32\x1a.segserve.v1.ClassPresence\x12\r\n\x05model\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12*\n\x07timings\x18\x07 \x01(\x0b\x32\x19.segserve.v1.StageTimings\"`\n\rStreamOptions\x12)\n\x06policy\x18\x01 \x01(\x0e\x32\x19.segserve.v1.StreamPolicy\x12\x12\n\nmax_age_ms\x18\x02 \x01(\r\x12\x10\n\x08priority\x18\x03 \x01(\r\"\xe1\x01\n\x14SegmentStreamRequest\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12,\n\x07request\x18\x02 \x01(\x0b\x32\x1b.segserve.v1.SegmentRequest\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.segserve.v1.StreamOptions\x12)\n\x06policy\x18\x04 \x01(\x0e\x32\x19.segserve.v1.StreamPolicy\x12\x12\n\nmax_age_ms\x18\x05 \x01(\r\x12\x17\n\x0f\x63\x61pture_time_us\x18\x06 \x01(\x03J\x04\x08\x07\x10\n\"+\n\nFrameError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x83\x02\n\x15SegmentStreamResponse\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\x30\n\x08response\x18\x02 \x01(\x0b\x32\x1c.segserve.v1.SegmentResponseH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.segserve.v1.FrameErrorH\x00\x12(\n\x06status\x18\x04 \x01(\x0e\x32\x18.segserve.v1.FrameStatus\x12\x17\n\x0f\x63\x61pture_time_us\x18\x05 \x01(\x03\x12\x17\n\x0freceive_time_us\x18\x06 \x01(\x03\x12\x16\n\x0e\x61nswer_time_us\x18\x07 \x01(\x03\x42\x08\n\x06result\"\x13\n\x11ListModelsRequest\"\x7f\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\x03\x12\x17\n\x0fserving_version\x18\x03 \x01(\x03\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.segserve.v1.ModelState\x12\x0e\n\x06reason\x18\x05 \x01(\t\"j\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.segserve.v1.ModelSummary\x12)\n\x06limits\x18\x02 \x01(\x0b\x32\x19.segserve.v1.ServerLimits\"[\n\x0cServerLimits\x12\x19\n\x11max_request_bytes\x18\x01 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\x02 \x01(\x04\x12\x16\n\x0emax_image_side\x18\x03 \x01(\r\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"O\n\tClassInfo\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0b\n\x03red\x18\x03 \x01(\r\x12\r\n\x05green\x18\x04 \x01(\r\x12\x0c\n\x04\x62lue\x18\x05 \x01(\r\"\xb2\x01\n\x0c\x42\x61tchingInfo\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x1d\n\x15preferred_batch_sizes\x18\x02 \x03(\r\x12\x1a\n\x12max_queue_delay_us\x18\x03 \x01(\x04\x12\x16\n\x0emax_queue_size\x18\x04 \x01(\r\x12\x17\n\x0fpriority_levels\x18\x05 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_priority_level\x18\x06 \x01(\r\"\xb3\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.segserve.v1.ModelState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08platform\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x13\n\x0binput_width\x18\x07 \x01(\r\x12\x14\n\x0cinput_height\x18\x08 \x01(\r\x12\'\n\x07\x63lasses\x18\t \x03(\x0b\x32\x16.segserve.v1.ClassInfo\x12+\n\x08\x62\x61tching\x18\n \x01(\x0b\x32\x19.segserve.v1.BatchingInfo\x12\x16\n\x0eoutputs_labels\x18\x0b \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x0c \x01(\t*q\n\x0bPixelFormat\x12\x1c\n\x18PIXEL_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11PIXEL_FORMAT_RGB8\x10\x01\x12\x15\n\x11PIXEL_FORMAT_BGR8\x10\x02\x12\x16\n\x12PIXEL_FORMAT_GRAY8\x10\x03*s\n\x0cMaskEncoding\x12\x1d\n\x19MASK_ENCODING_UNSPECIFIED\x10\x00\x12\x15\n\x11MASK_ENCODING_PNG\x10\x01\x12\x16\n\x12MASK_ENCODING_SRLE\x10\x02\x12\x15\n\x11MASK_ENCODING_RAW\x10\x03*Z\n\nOutputSize\x12\x1b\n\x17OUTPUT_SIZE_UNSPECIFIED\x10\x00\x12\x18\n\x14OUTPUT_SIZE_ORIGINAL\x10\x01\x12\x15\n\x11OUTPUT_SIZE_MODEL\x10\x02*`\n\x0cStreamPolicy\x12\x1d\n\x19STREAM_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13STREAM_POLICY_QUEUE\x10\x01\x12\x18\n\x14STREAM_POLICY_LATEST\x10\x02*\x8c\x01\n\x0b\x46rameStatus\x12\x1c\n\x18\x46RAME_STATUS_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x46RAME_STATUS_OK\x10\x01\x12\x18\n\x14\x46RAME_STATUS_DROPPED\x10\x02\x12\x18\n\x14\x46RAME_STATUS_EXPIRED\x10\x03\x12\x16\n\x12\x46RAME_STATUS_ERROR\x10\x04*\x8b\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x04\x32\xc1\x02\n\x0cSegmentation\x12\x44\n\x07Segment\x12\x1b.segserve.v1.SegmentRequest\x1a\x1c.segserve.v1.SegmentResponse\x12Z\n\rSegmentStream\x12!.segserve.v1.SegmentStreamRequest\x1a\".segserve.v1.SegmentStreamResponse(\x01\x30\x01\x12M\n\nListModels\x12\x1e.segserve.v1.ListModelsRequest\x1a\x1f.segserve.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.segserve.v1.GetModelRequest\x1a\x16.segserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'segserve.v1.segserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PIXELFORMAT']._serialized_start=2200
-  _globals['_PIXELFORMAT']._serialized_end=2313
-  _globals['_MASKENCODING']._serialized_start=2315
-  _globals['_MASKENCODING']._serialized_end=2430
-  _globals['_OUTPUTSIZE']._serialized_start=2432
-  _globals['_OUTPUTSIZE']._serialized_end=2522
-  _globals['_MODELSTATE']._serialized_start=2525
-  _globals['_MODELSTATE']._serialized_end=2664
+  _globals['_PIXELFORMAT']._serialized_start=2644
+  _globals['_PIXELFORMAT']._serialized_end=2757
+  _globals['_MASKENCODING']._serialized_start=2759
+  _globals['_MASKENCODING']._serialized_end=2874
+  _globals['_OUTPUTSIZE']._serialized_start=2876
+  _globals['_OUTPUTSIZE']._serialized_end=2966
+  _globals['_STREAMPOLICY']._serialized_start=2968
+  _globals['_STREAMPOLICY']._serialized_end=3064
+  _globals['_FRAMESTATUS']._serialized_start=3067
+  _globals['_FRAMESTATUS']._serialized_end=3207
+  _globals['_MODELSTATE']._serialized_start=3210
+  _globals['_MODELSTATE']._serialized_end=3349
   _globals['_RAWIMAGE']._serialized_start=43
   _globals['_RAWIMAGE']._serialized_end=142
   _globals['_IMAGE']._serialized_start=144
@@ -50,31 +54,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGETIMINGS']._serialized_start=363
   _globals['_STAGETIMINGS']._serialized_end=536
   _globals['_SEGMENTREQUEST']._serialized_start=539
-  _globals['_SEGMENTREQUEST']._serialized_end=779
-  _globals['_SEGMENTRESPONSE']._serialized_start=782
-  _globals['_SEGMENTRESPONSE']._serialized_end=998
-  _globals['_SEGMENTSTREAMREQUEST']._serialized_start=1000
-  _globals['_SEGMENTSTREAMREQUEST']._serialized_end=1092
-  _globals['_FRAMEERROR']._serialized_start=1094
-  _globals['_FRAMEERROR']._serialized_end=1137
-  _globals['_SEGMENTSTREAMRESPONSE']._serialized_start=1140
-  _globals['_SEGMENTSTREAMRESPONSE']._serialized_end=1283
-  _globals['_LISTMODELSREQUEST']._serialized_start=1285
-  _globals['_LISTMODELSREQUEST']._serialized_end=1304
-  _globals['_MODELSUMMARY']._serialized_start=1306
-  _globals['_MODELSUMMARY']._serialized_end=1433
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1435
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1541
-  _globals['_SERVERLIMITS']._serialized_start=1543
-  _globals['_SERVERLIMITS']._serialized_end=1634
-  _globals['_GETMODELREQUEST']._serialized_start=1636
-  _globals['_GETMODELREQUEST']._serialized_end=1684
-  _globals['_CLASSINFO']._serialized_start=1686
-  _globals['_CLASSINFO']._serialized_end=1765
-  _globals['_BATCHINGINFO']._serialized_start=1767
-  _globals['_BATCHINGINFO']._serialized_end=1888
-  _globals['_MODELINFO']._serialized_start=1891
-  _globals['_MODELINFO']._serialized_end=2198
-  _globals['_SEGMENTATION']._serialized_start=2667
-  _globals['_SEGMENTATION']._serialized_end=2988
+  _globals['_SEGMENTREQUEST']._serialized_end=817
+  _globals['_SEGMENTRESPONSE']._serialized_start=820
+  _globals['_SEGMENTRESPONSE']._serialized_end=1036
+  _globals['_STREAMOPTIONS']._serialized_start=1038
+  _globals['_STREAMOPTIONS']._serialized_end=1134
+  _globals['_SEGMENTSTREAMREQUEST']._serialized_start=1137
+  _globals['_SEGMENTSTREAMREQUEST']._serialized_end=1362
+  _globals['_FRAMEERROR']._serialized_start=1364
+  _globals['_FRAMEERROR']._serialized_end=1407
+  _globals['_SEGMENTSTREAMRESPONSE']._serialized_start=1410
+  _globals['_SEGMENTSTREAMRESPONSE']._serialized_end=1669
+  _globals['_LISTMODELSREQUEST']._serialized_start=1671
+  _globals['_LISTMODELSREQUEST']._serialized_end=1690
+  _globals['_MODELSUMMARY']._serialized_start=1692
+  _globals['_MODELSUMMARY']._serialized_end=1819
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1821
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1927
+  _globals['_SERVERLIMITS']._serialized_start=1929
+  _globals['_SERVERLIMITS']._serialized_end=2020
+  _globals['_GETMODELREQUEST']._serialized_start=2022
+  _globals['_GETMODELREQUEST']._serialized_end=2070
+  _globals['_CLASSINFO']._serialized_start=2072
+  _globals['_CLASSINFO']._serialized_end=2151
+  _globals['_BATCHINGINFO']._serialized_start=2154
+  _globals['_BATCHINGINFO']._serialized_end=2332
+  _globals['_MODELINFO']._serialized_start=2335
+  _globals['_MODELINFO']._serialized_end=2642
+  _globals['_SEGMENTATION']._serialized_start=3352
+  _globals['_SEGMENTATION']._serialized_end=3673
 # @@protoc_insertion_point(module_scope)

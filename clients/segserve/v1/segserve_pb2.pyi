@@ -27,6 +27,20 @@ class OutputSize(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTPUT_SIZE_ORIGINAL: _ClassVar[OutputSize]
     OUTPUT_SIZE_MODEL: _ClassVar[OutputSize]
 
+class StreamPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STREAM_POLICY_UNSPECIFIED: _ClassVar[StreamPolicy]
+    STREAM_POLICY_QUEUE: _ClassVar[StreamPolicy]
+    STREAM_POLICY_LATEST: _ClassVar[StreamPolicy]
+
+class FrameStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FRAME_STATUS_UNSPECIFIED: _ClassVar[FrameStatus]
+    FRAME_STATUS_OK: _ClassVar[FrameStatus]
+    FRAME_STATUS_DROPPED: _ClassVar[FrameStatus]
+    FRAME_STATUS_EXPIRED: _ClassVar[FrameStatus]
+    FRAME_STATUS_ERROR: _ClassVar[FrameStatus]
+
 class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MODEL_STATE_UNSPECIFIED: _ClassVar[ModelState]
@@ -45,6 +59,14 @@ MASK_ENCODING_RAW: MaskEncoding
 OUTPUT_SIZE_UNSPECIFIED: OutputSize
 OUTPUT_SIZE_ORIGINAL: OutputSize
 OUTPUT_SIZE_MODEL: OutputSize
+STREAM_POLICY_UNSPECIFIED: StreamPolicy
+STREAM_POLICY_QUEUE: StreamPolicy
+STREAM_POLICY_LATEST: StreamPolicy
+FRAME_STATUS_UNSPECIFIED: FrameStatus
+FRAME_STATUS_OK: FrameStatus
+FRAME_STATUS_DROPPED: FrameStatus
+FRAME_STATUS_EXPIRED: FrameStatus
+FRAME_STATUS_ERROR: FrameStatus
 MODEL_STATE_UNSPECIFIED: ModelState
 MODEL_STATE_LOADING: ModelState
 MODEL_STATE_READY: ModelState
@@ -110,7 +132,7 @@ class StageTimings(_message.Message):
     def __init__(self, decode_us: _Optional[int] = ..., preprocess_us: _Optional[int] = ..., queue_us: _Optional[int] = ..., infer_us: _Optional[int] = ..., postprocess_us: _Optional[int] = ..., encode_us: _Optional[int] = ..., total_us: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class SegmentRequest(_message.Message):
-    __slots__ = ("model", "model_version", "image", "encodings", "output_size", "include_pixel_counts", "embed_palette")
+    __slots__ = ("model", "model_version", "image", "encodings", "output_size", "include_pixel_counts", "embed_palette", "priority", "timeout_us")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +140,8 @@ class SegmentRequest(_message.Message):
     OUTPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PIXEL_COUNTS_FIELD_NUMBER: _ClassVar[int]
     EMBED_PALETTE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_US_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: int
     image: Image
@@ -125,7 +149,9 @@ class SegmentRequest(_message.Message):
     output_size: OutputSize
     include_pixel_counts: bool
     embed_palette: bool
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., encodings: _Optional[_Iterable[_Union[MaskEncoding, str]]] = ..., output_size: _Optional[_Union[OutputSize, str]] = ..., include_pixel_counts: _Optional[bool] = ..., embed_palette: _Optional[bool] = ...) -> None: ...
+    priority: int
+    timeout_us: int
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., encodings: _Optional[_Iterable[_Union[MaskEncoding, str]]] = ..., output_size: _Optional[_Union[OutputSize, str]] = ..., include_pixel_counts: _Optional[bool] = ..., embed_palette: _Optional[bool] = ..., priority: _Optional[int] = ..., timeout_us: _Optional[int] = ...) -> None: ...
 
 class SegmentResponse(_message.Message):
     __slots__ = ("width", "height", "masks", "classes", "model", "model_version", "timings")
@@ -145,13 +171,31 @@ class SegmentResponse(_message.Message):
     timings: StageTimings
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., masks: _Optional[_Iterable[_Union[EncodedMask, _Mapping]]] = ..., classes: _Optional[_Iterable[_Union[ClassPresence, _Mapping]]] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ...) -> None: ...
 
+class StreamOptions(_message.Message):
+    __slots__ = ("policy", "max_age_ms", "priority")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    MAX_AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    policy: StreamPolicy
+    max_age_ms: int
+    priority: int
+    def __init__(self, policy: _Optional[_Union[StreamPolicy, str]] = ..., max_age_ms: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
+
 class SegmentStreamRequest(_message.Message):
-    __slots__ = ("frame_id", "request")
+    __slots__ = ("frame_id", "request", "options", "policy", "max_age_ms", "capture_time_us")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    MAX_AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_TIME_US_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     request: SegmentRequest
-    def __init__(self, frame_id: _Optional[int] = ..., request: _Optional[_Union[SegmentRequest, _Mapping]] = ...) -> None: ...
+    options: StreamOptions
+    policy: StreamPolicy
+    max_age_ms: int
+    capture_time_us: int
+    def __init__(self, frame_id: _Optional[int] = ..., request: _Optional[_Union[SegmentRequest, _Mapping]] = ..., options: _Optional[_Union[StreamOptions, _Mapping]] = ..., policy: _Optional[_Union[StreamPolicy, str]] = ..., max_age_ms: _Optional[int] = ..., capture_time_us: _Optional[int] = ...) -> None: ...
 
 class FrameError(_message.Message):
     __slots__ = ("code", "message")
@@ -162,14 +206,22 @@ class FrameError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class SegmentStreamResponse(_message.Message):
-    __slots__ = ("frame_id", "response", "error")
+    __slots__ = ("frame_id", "response", "error", "status", "capture_time_us", "receive_time_us", "answer_time_us")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_TIME_US_FIELD_NUMBER: _ClassVar[int]
+    RECEIVE_TIME_US_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_TIME_US_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     response: SegmentResponse
     error: FrameError
-    def __init__(self, frame_id: _Optional[int] = ..., response: _Optional[_Union[SegmentResponse, _Mapping]] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ...) -> None: ...
+    status: FrameStatus
+    capture_time_us: int
+    receive_time_us: int
+    answer_time_us: int
+    def __init__(self, frame_id: _Optional[int] = ..., response: _Optional[_Union[SegmentResponse, _Mapping]] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ..., status: _Optional[_Union[FrameStatus, str]] = ..., capture_time_us: _Optional[int] = ..., receive_time_us: _Optional[int] = ..., answer_time_us: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -230,16 +282,20 @@ class ClassInfo(_message.Message):
     def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., red: _Optional[int] = ..., green: _Optional[int] = ..., blue: _Optional[int] = ...) -> None: ...
 
 class BatchingInfo(_message.Message):
-    __slots__ = ("max_batch_size", "preferred_batch_sizes", "max_queue_delay_us", "max_queue_size")
+    __slots__ = ("max_batch_size", "preferred_batch_sizes", "max_queue_delay_us", "max_queue_size", "priority_levels", "default_priority_level")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     PREFERRED_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_DELAY_US_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_LEVELS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_PRIORITY_LEVEL_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     preferred_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
     max_queue_delay_us: int
     max_queue_size: int
-    def __init__(self, max_batch_size: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., max_queue_delay_us: _Optional[int] = ..., max_queue_size: _Optional[int] = ...) -> None: ...
+    priority_levels: int
+    default_priority_level: int
+    def __init__(self, max_batch_size: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., max_queue_delay_us: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., priority_levels: _Optional[int] = ..., default_priority_level: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "version", "state", "reason", "platform", "backend", "input_width", "input_height", "classes", "batching", "outputs_labels", "description")

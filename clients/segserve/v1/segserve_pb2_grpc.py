@@ -69,13 +69,24 @@ class SegmentationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SegmentStream(self, request_iterator, context):
-        """Segments a stream of frames. Exactly one answer comes back per frame, in the order the frames
-        were sent, tagged with the frame's `frame_id`. A frame that fails (a corrupt image, a deadline)
-        is answered with `error` and the stream goes on; only a stream-level failure (the server
-        draining, the client cancelling) ends the stream, and every frame accepted before that is
-        still answered: a frame that has no answer when the stream ends was not processed. Frames
-        share the stream's deadline; a frame still unanswered when it passes fails with
-        DEADLINE_EXCEEDED like the stream.
+        """Segments a stream of frames: the real-time API. Exactly one answer comes back per frame sent,
+        in the order the frames were sent, tagged with the frame's `frame_id`, with its `status`:
+        OK (a segmentation), DROPPED (policy LATEST: a newer frame of this stream superseded it
+        before it started), EXPIRED (older than its max age when its batch formed) or ERROR (a
+        corrupt image, an unknown model, ...). None of these ends the stream; a message that does
+        not parse is answered ERROR INVALID_ARGUMENT with frame_id 0 in its place.
+
+        A message may carry `options` (typically the first): the stream's policy, max age and
+        priority from then on; a message with options and no `request` is not a frame and gets no
+        answer. Frames run at priority level 1 (the highest) unless they say otherwise, ahead of
+        Segment calls (the model's default level) on models with priority levels.
+
+        Deadlines: a long-lived stream should set no gRPC deadline and bound each frame with
+        max_age_ms. If the stream has a deadline, the server stops reading frames shortly before it
+        passes (stream_deadline_margin_s) and answers every frame it has read, those not done with
+        ERROR DEADLINE_EXCEEDED, before the stream ends DEADLINE_EXCEEDED. When the server drains,
+        it stops reading, answers every frame read, and ends the stream UNAVAILABLE. A frame with no
+        answer when the stream ends was not read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

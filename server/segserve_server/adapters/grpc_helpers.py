@@ -15,28 +15,32 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from segserve_server.core.streams import StreamDrained, ordered_answers
+from segserve_server.core.streams import StreamCut, StreamDrained, ordered_answers
 from segserve_server.errors import InferenceFailed, InvalidArgument, SegserveError
 
 __all__ = [
+    "StreamHandler",
     "as_segserve_error",
     "deadline_of",
     "handler_table",
     "ordered_stream",
     "parse",
     "parsed_frames",
+    "stream_cut_at",
 ]
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 A = TypeVar("A")
+F = TypeVar("F")
 
 # A servicer's methods, on parsed requests (each takes its own message type, hence Any) ...
 Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
@@ -156,29 +160,60 @@ def handler_table(
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
+@dataclass(frozen=True)
+class StreamHandler(Generic[F, A]):
+    """What a stream adapter answers for each frame read: its answer (never raising), whether
+    it is a LATEST frame, and the answers of a frame dropped or cut (see core.streams)."""
+
+    answer: Callable[[F], Coroutine[Any, Any, A]]
+    cut: Callable[[F], A]
+    latest: Callable[[F], bool] = lambda frame: False
+    dropped: Callable[[F], A] | None = None
+
+
+def stream_cut_at(context: grpc.aio.ServicerContext, margin_s: float) -> float | None:
+    """When a stream with a deadline stops reading and answers what it read: margin_s before
+    the deadline (time.monotonic()); None without a deadline."""
+    deadline_s = deadline_of(context)
+    return None if deadline_s is None else deadline_s - margin_s
+
+
 async def ordered_stream(
-    frames: AsyncIterator[M | InvalidArgument],
-    answer: Callable[[M | InvalidArgument, float | None], Coroutine[Any, Any, A]],
+    frames: AsyncIterator[F],
+    handler: StreamHandler[F, A],
     context: grpc.aio.ServicerContext,
+    *,
     max_inflight: int,
+    max_unsent: int,
     draining: asyncio.Event | None,
     what: str,
+    cut_at_s: float | None,
 ) -> AsyncIterator[A]:
-    """answer(frame, the call's deadline) for every frame, in frame order
-    (core.streams.ordered_answers): at most max_inflight frames read and not yet answered. When
-    the server drains, reading stops, every frame read is answered, and the stream ends with
-    UNAVAILABLE."""
-    deadline_s = deadline_of(context)
+    """handler.answer(frame) for every frame, in frame order (core.streams.ordered_answers).
+    When the server drains, reading stops, every frame read is answered, and the stream ends
+    UNAVAILABLE; when the call's deadline nears (cut_at_s), reading stops, every frame read is
+    answered (unfinished ones cut), and the stream ends DEADLINE_EXCEEDED."""
     try:
         async for result in ordered_answers(
             frames,
-            lambda frame: answer(frame, deadline_s),
+            handler.answer,
             max_inflight=max_inflight,
+            max_unsent=max_unsent,
             draining=draining,
+            latest=handler.latest,
+            dropped=handler.dropped,
+            cut=handler.cut,
+            cut_at_s=cut_at_s,
         ):
             yield result
     except StreamDrained:
         await context.abort(
             grpc.StatusCode.UNAVAILABLE,
             f"server is draining: every {what} read was answered; send the rest to another replica",
+        )
+    except StreamCut:
+        await context.abort(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"the stream's deadline came: every {what} read was answered; long-lived streams "
+            "should set no deadline and bound each frame with a max age",
         )

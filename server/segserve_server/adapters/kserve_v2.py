@@ -21,15 +21,22 @@ from tritonclient.grpc import service_pb2 as kserve
 
 from segserve_server import __version__
 from segserve_server.adapters.grpc_helpers import (
+    StreamHandler,
     as_segserve_error,
     deadline_of,
     handler_table,
     ordered_stream,
+    stream_cut_at,
 )
 from segserve_server.adapters.kserve_tensors import encode_result, parse_version, to_infer_request
 from segserve_server.core.models import ModelState
 from segserve_server.core.tensors import Duration, Route, TensorAPI, TensorSpec
-from segserve_server.errors import InvalidArgument, ModelUnavailable, SegserveError
+from segserve_server.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ModelUnavailable,
+    SegserveError,
+)
 
 __all__ = ["EXTENSIONS", "IMPLEMENTED", "SERVICE_NAME", "KServeServicer", "kserve_handler"]
 
@@ -82,9 +89,12 @@ def kserve_handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
 class KServeServicer:
     """The implemented methods of inference.GRPCInferenceService, on parsed messages."""
 
-    def __init__(self, api: TensorAPI, *, max_inflight_requests: int) -> None:
+    def __init__(
+        self, api: TensorAPI, *, max_inflight_requests: int, deadline_margin_s: float = 0.1
+    ) -> None:
         self._api = api
         self._max_inflight = max_inflight_requests
+        self._deadline_margin_s = deadline_margin_s
         self.draining: asyncio.Event | None = None  # set by the server at start
 
     def _is_draining(self) -> bool:
@@ -242,7 +252,7 @@ class KServeServicer:
         self, request: kserve.ModelInferRequest | InvalidArgument, deadline_s: float | None
     ) -> kserve.ModelStreamInferResponse:
         if isinstance(request, InvalidArgument):
-            return _stream_error(kserve.ModelInferRequest(), request)
+            return _stream_error(_as_request(request), request)
         try:
             response = await self._infer(request, deadline_s)
         except Exception as exc:
@@ -265,10 +275,40 @@ class KServeServicer:
 
         A request that fails gets its error in `error_message` ("CODE: message") and the stream
         goes on. When the server drains, reading stops, every request read is answered, and the
-        stream ends with UNAVAILABLE.
+        stream ends with UNAVAILABLE. A stream with a deadline stops reading shortly before it
+        (stream_deadline_margin_s), answers every request read (unfinished ones
+        DEADLINE_EXCEEDED) and ends DEADLINE_EXCEEDED.
         """
-        limit = self._max_inflight
-        return ordered_stream(frames, self._stream_answer, context, limit, self.draining, "request")
+        cut_at_s = stream_cut_at(context, self._deadline_margin_s)
+
+        async def answer(
+            request: kserve.ModelInferRequest | InvalidArgument,
+        ) -> kserve.ModelStreamInferResponse:
+            return await self._stream_answer(request, cut_at_s)
+
+        def cut(
+            request: kserve.ModelInferRequest | InvalidArgument,
+        ) -> kserve.ModelStreamInferResponse:
+            late = DeadlineExceeded("the stream's deadline came before this request was answered")
+            return _stream_error(_as_request(request), late)
+
+        return ordered_stream(
+            frames,
+            StreamHandler(answer=answer, cut=cut),
+            context,
+            max_inflight=self._max_inflight,
+            max_unsent=self._max_inflight,
+            draining=self.draining,
+            what="request",
+            cut_at_s=cut_at_s,
+        )
+
+
+def _as_request(
+    request: kserve.ModelInferRequest | InvalidArgument,
+) -> kserve.ModelInferRequest:
+    """The request an answer echoes (an empty one for a message that did not parse)."""
+    return kserve.ModelInferRequest() if isinstance(request, InvalidArgument) else request
 
 
 def _stream_error(

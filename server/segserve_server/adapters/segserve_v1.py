@@ -1,9 +1,10 @@
 """The segserve.v1 gRPC adapter: converts protobuf to and from the core, nothing more.
 
 Parsing, deadlines and the conversion of SegserveError to a status are `grpc_helpers`': unary
-calls abort with the status, stream frames carry it as FrameError. A stream frame that does not
-parse is answered in its place with FrameError INVALID_ARGUMENT and frame_id 0 (its id could not
-be read), and the stream goes on.
+calls abort with the status, stream frames carry it as FrameError (status ERROR). A stream frame
+that does not parse is answered in its place with FrameError INVALID_ARGUMENT and frame_id 0
+(its id could not be read), and the stream goes on. What a stream does with its frames is
+`core.realtime`'s.
 """
 
 from __future__ import annotations
@@ -15,15 +16,25 @@ import grpc
 
 from segserve.v1 import segserve_pb2 as pb
 from segserve_server.adapters.grpc_helpers import (
-    as_segserve_error,
+    StreamHandler,
     deadline_of,
     handler_table,
     ordered_stream,
+    stream_cut_at,
 )
 from segserve_server.core.models import Model, ModelState, ModelVersion
-from segserve_server.core.requests import MaskEncoding, SegmentInput, SegmentOutput
+from segserve_server.core.realtime import (
+    Frame,
+    FrameIn,
+    FrameOut,
+    FrameStatus,
+    Policy,
+    StreamOptions,
+    StreamSession,
+)
+from segserve_server.core.requests import Admission, MaskEncoding, SegmentInput, SegmentOutput
 from segserve_server.core.service import SegmentationCore
-from segserve_server.errors import InvalidArgument, ModelNotFound, SegserveError
+from segserve_server.errors import InvalidArgument, ModelNotFound
 from segserve_server.pipeline.decode import ChannelOrder, RawPixels
 
 __all__ = [
@@ -31,8 +42,10 @@ __all__ = [
     "model_info",
     "model_summary",
     "segmentation_handler",
+    "to_frame_in",
     "to_segment_input",
     "to_segment_response",
+    "to_stream_response",
 ]
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Segmentation"]
@@ -41,6 +54,17 @@ _ENCODINGS: dict[pb.MaskEncoding, MaskEncoding] = {
     pb.MASK_ENCODING_SRLE: MaskEncoding.SRLE,
     pb.MASK_ENCODING_PNG: MaskEncoding.PNG,
     pb.MASK_ENCODING_RAW: MaskEncoding.RAW,
+}
+_POLICIES: dict[int, Policy | None] = {
+    pb.STREAM_POLICY_UNSPECIFIED: None,
+    pb.STREAM_POLICY_QUEUE: Policy.QUEUE,
+    pb.STREAM_POLICY_LATEST: Policy.LATEST,
+}
+_FRAME_STATUSES = {
+    FrameStatus.OK: pb.FRAME_STATUS_OK,
+    FrameStatus.DROPPED: pb.FRAME_STATUS_DROPPED,
+    FrameStatus.EXPIRED: pb.FRAME_STATUS_EXPIRED,
+    FrameStatus.ERROR: pb.FRAME_STATUS_ERROR,
 }
 _ENCODINGS_PB = {value: key for key, value in _ENCODINGS.items()}
 _PIXEL_FORMATS: dict[pb.PixelFormat, ChannelOrder] = {
@@ -93,7 +117,59 @@ def to_segment_input(request: pb.SegmentRequest) -> SegmentInput:
         output_model_size=request.output_size == pb.OUTPUT_SIZE_MODEL,
         include_pixel_counts=request.include_pixel_counts,
         embed_palette=request.embed_palette,
+        admission=Admission(priority=request.priority, timeout_us=request.timeout_us),
     )
+
+
+def _policy(value: int, what: str) -> Policy | None:
+    if value not in _POLICIES:
+        raise InvalidArgument(f"{what} {value} is not a StreamPolicy ({sorted(_POLICIES)})")
+    return _POLICIES[value]
+
+
+def to_frame_in(message: pb.SegmentStreamRequest | InvalidArgument) -> FrameIn:
+    """A stream message as the core's FrameIn; a message that cannot be a frame carries its
+    error (answered in its place)."""
+    if isinstance(message, InvalidArgument):
+        return FrameIn(error=message)
+    try:
+        options = None
+        if message.HasField("options"):
+            stream = message.options
+            options = StreamOptions(
+                policy=_policy(stream.policy, "options.policy") or Policy.QUEUE,
+                max_age_s=stream.max_age_ms / 1e3 if stream.max_age_ms else None,
+                priority=stream.priority,
+            )
+        policy = _policy(message.policy, "policy")
+        request = to_segment_input(message.request) if message.HasField("request") else None
+    except InvalidArgument as exc:
+        return FrameIn(message.frame_id, error=exc, capture_time_us=message.capture_time_us)
+    return FrameIn(
+        frame_id=message.frame_id,
+        request=request,
+        options=options,
+        policy=policy,
+        max_age_s=message.max_age_ms / 1e3 if message.max_age_ms else None,
+        capture_time_us=message.capture_time_us,
+    )
+
+
+def to_stream_response(out: FrameOut) -> pb.SegmentStreamResponse:
+    response = pb.SegmentStreamResponse(
+        frame_id=out.frame_id,
+        status=_FRAME_STATUSES[out.status],
+        capture_time_us=out.capture_time_us,
+        receive_time_us=out.receive_time_us,
+        answer_time_us=out.answer_time_us,
+    )
+    if out.output is not None:
+        response.response.CopyFrom(to_segment_response(out.output))
+    elif out.status is FrameStatus.ERROR and out.error is not None:
+        response.error.CopyFrom(
+            pb.FrameError(code=out.error.code.value[0], message=out.error.message)
+        )
+    return response
 
 
 def to_segment_response(output: SegmentOutput) -> pb.SegmentResponse:
@@ -158,6 +234,10 @@ def model_info(model: Model, version: ModelVersion | None) -> pb.ModelInfo:
             preferred_batch_sizes=batching.preferred_batch_sizes,
             max_queue_delay_us=batching.max_queue_delay_us,
             max_queue_size=batching.max_queue_size,
+            priority_levels=batching.priority.levels,
+            default_priority_level=batching.priority.default_level
+            if batching.priority.levels
+            else 0,
         )
     )
     return info
@@ -168,17 +248,11 @@ def segmentation_handler(servicer: SegmentationServicer) -> grpc.GenericRpcHandl
     return handler_table(SERVICE, pb, servicer)
 
 
-def _frame_error(frame_id: int, error: SegserveError) -> pb.SegmentStreamResponse:
-    failure = pb.FrameError(code=error.code.value[0], message=error.message)
-    return pb.SegmentStreamResponse(frame_id=frame_id, error=failure)
-
-
 class SegmentationServicer:
     """The methods of segserve.v1.Segmentation, on parsed messages; see segmentation_handler."""
 
-    def __init__(self, core: SegmentationCore, *, max_inflight_frames: int) -> None:
+    def __init__(self, core: SegmentationCore) -> None:
         self._core = core
-        self._max_inflight_frames = max_inflight_frames
         self.draining: asyncio.Event | None = None  # set by the server at start
 
     async def Segment(
@@ -187,28 +261,38 @@ class SegmentationServicer:
         output = await self._core.segment(to_segment_input(request), deadline_of(context))
         return to_segment_response(output)
 
-    async def _frame(
-        self, frame: pb.SegmentStreamRequest | InvalidArgument, deadline_s: float | None
-    ) -> pb.SegmentStreamResponse:
-        if isinstance(frame, InvalidArgument):
-            return _frame_error(0, frame)
-        try:
-            output = await self._core.segment(to_segment_input(frame.request), deadline_s)
-        except Exception as exc:
-            return _frame_error(frame.frame_id, as_segserve_error(exc, "a SegmentStream frame"))
-        return pb.SegmentStreamResponse(
-            frame_id=frame.frame_id, response=to_segment_response(output)
-        )
-
     def SegmentStream(
         self,
-        frames: AsyncIterator[pb.SegmentStreamRequest | InvalidArgument],
+        messages: AsyncIterator[pb.SegmentStreamRequest | InvalidArgument],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.SegmentStreamResponse]:
-        """Answers frames in arrival order while later ones run (grpc_helpers.ordered_stream):
-        at most max_inflight_frames frames read and not yet answered."""
-        limit = self._max_inflight_frames
-        return ordered_stream(frames, self._frame, context, limit, self.draining, "frame")
+        """Every frame answered in order with its fate (core.realtime, grpc_helpers.ordered_stream)."""
+        settings = self._core.settings
+        cut_at_s = stream_cut_at(context, settings.stream_deadline_margin_s)
+        session = StreamSession(self._core, deadline_s=cut_at_s)
+
+        async def frames() -> AsyncIterator[FrameIn]:
+            async for message in messages:
+                yield to_frame_in(message)
+
+        async def answer(frame: Frame) -> pb.SegmentStreamResponse:
+            return to_stream_response(await session.answer(frame))
+
+        return ordered_stream(
+            session.frames(frames()),
+            StreamHandler(
+                answer=answer,
+                latest=session.latest,
+                dropped=lambda frame: to_stream_response(session.dropped(frame)),
+                cut=lambda frame: to_stream_response(session.cut(frame)),
+            ),
+            context,
+            max_inflight=settings.stream_max_inflight_frames,
+            max_unsent=settings.stream_max_unsent_answers,
+            draining=self.draining,
+            what="frame",
+            cut_at_s=cut_at_s,
+        )
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from segserve_server.metrics import STAGES
+from segserve_server.pipeline.batcher import Admission
 from segserve_server.pipeline.decode import RawPixels
 from segserve_server.pipeline.encode import DEFAULT_ENCODINGS, MaskEncoding
 
 __all__ = [
+    "Admission",
     "ClassCount",
     "MaskEncoding",
     "SegmentInput",
@@ -33,6 +35,7 @@ class SegmentInput:
     output_model_size: bool = False
     include_pixel_counts: bool = False
     embed_palette: bool = False
+    admission: Admission = field(default_factory=Admission)  # priority, queue timeout, ...
 
 
 @dataclass
@@ -81,6 +84,7 @@ class TensorInput:
     model: str
     batch: np.ndarray
     version: int = 0
+    admission: Admission = field(default_factory=Admission)
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ class SegmentationCore:
             self._pool, functools.partial(fn, *args)
         )
 
-    def _label(self, model: str) -> str:
+    def model_label(self, model: str) -> str:
         """Unknown names share one label: clients must not be able to mint metric series."""
         return model if model in self.models.models else UNKNOWN_MODEL_LABEL
 
@@ -101,7 +101,7 @@ class SegmentationCore:
         self, request: SegmentInput, deadline_s: float | None = None
     ) -> SegmentOutput:
         """Segments one image; raises SegserveError subclasses. deadline_s is time.monotonic()."""
-        label = self._label(request.model)
+        label = self.model_label(request.model)
         output = await self._served(
             label, deadline_s, "the mask", lambda: self._segment(request, deadline_s)
         )
@@ -113,7 +113,7 @@ class SegmentationCore:
     ) -> TensorOutput:
         """Runs a batch of raw model inputs, each item on the model's batcher; the outputs come
         back stacked in the config's output type. Raises SegserveError subclasses."""
-        label = self._label(request.model)
+        label = self.model_label(request.model)
         output = await self._served(
             label,
             deadline_s,
@@ -146,6 +146,10 @@ class SegmentationCore:
         finally:
             self.metrics.request_latency.labels(label).observe(time.perf_counter() - started)
 
+    def _observe_queue(self, model: str, outcome: BatchOutcome) -> None:
+        """Queue wait by priority level: what each traffic class waits for a batch."""
+        self.metrics.queue_wait.labels(model, str(outcome.level)).observe(outcome.queue_s)
+
     def _observe_stages(self, label: str, timings: StageTimings) -> None:
         for stage, seconds in timings.stages():
             self.metrics.stage_latency.labels(label, stage).observe(seconds)
@@ -162,7 +166,7 @@ class SegmentationCore:
         try:
             yield
         except SegserveError as exc:
-            code = exc.code.name
+            code = exc.outcome
             raise
         except asyncio.CancelledError:
             expired = deadline_s is not None and time.monotonic() >= deadline_s
@@ -182,7 +186,8 @@ class SegmentationCore:
         config = model.config
         timings = StageTimings()
         tensor, width, height = await self._in_pool(self._prepare, request.image, model, timings)
-        outcome = await model.batcher.submit(tensor, deadline_s)
+        outcome = await model.batcher.submit(tensor, deadline_s, request.admission)
+        self._observe_queue(request.model, outcome)
         timings.queue, timings.infer, timings.batch_size = (
             outcome.queue_s,
             outcome.infer_s,
@@ -206,9 +211,11 @@ class SegmentationCore:
                 f"model {request.model!r}: the input has an empty batch (shape {list(batch.shape)})"
             )
         outcomes: list[BatchOutcome] = await gather_or_cancel(
-            model.batcher.submit(np.ascontiguousarray(batch[i]), deadline_s)
+            model.batcher.submit(np.ascontiguousarray(batch[i]), deadline_s, request.admission)
             for i in range(batch.shape[0])
         )
+        for outcome in outcomes:
+            self._observe_queue(request.model, outcome)
         output = np.stack([o.output for o in outcomes]).astype(
             model.config.output_dtype, copy=False
         )

@@ -30,7 +30,13 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from segserve_server.core.models import Model, ReadyVersion
-from segserve_server.core.requests import MaskEncoding, SegmentInput, SegmentOutput, TensorInput
+from segserve_server.core.requests import (
+    Admission,
+    MaskEncoding,
+    SegmentInput,
+    SegmentOutput,
+    TensorInput,
+)
 from segserve_server.core.service import SegmentationCore, gather_or_cancel
 from segserve_server.errors import (
     InferenceFailed,
@@ -58,6 +64,7 @@ __all__ = [
     "RouteStats",
     "TensorAPI",
     "TensorSpec",
+    "admission_of",
     "datatype_of",
 ]
 
@@ -69,7 +76,8 @@ MASK_OUTPUT = "MASK_BYTES"
 SHAPE_OUTPUT = "MASK_SHAPE"
 COUNTS_OUTPUT = "CLASS_PIXEL_COUNTS"
 IMAGE_PARAMETERS = ("mask_encoding", "output_size", "embed_palette")
-# Parameters tritonclient sets itself; segserve honours timeout (microseconds) and ignores the rest.
+# Parameters tritonclient sets itself: segserve honours priority and timeout (a queue timeout in
+# microseconds, as Triton's queue policy allows it) and ignores the rest.
 RESERVED_PARAMETERS = ("priority", "timeout", "headers", "binary_data_output")
 SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
 
@@ -367,8 +375,8 @@ class TensorAPI:
                 f"input {config.input_name!r} has an empty batch (shape {list(batch.shape)})"
             )
         output = await self._core.infer_tensors(
-            TensorInput(config.name, batch, version.version),
-            _earliest(deadline_s, request.parameters),
+            TensorInput(config.name, batch, version.version, admission_of(request.parameters)),
+            deadline_s,
         )
         stats.inference_count += count
         stats.queue.add(output.timings.queue)
@@ -393,7 +401,7 @@ class TensorAPI:
                 "per request (kserve_max_images_per_request)"
             )
         options = _image_options(request.parameters)
-        deadline_s = _earliest(deadline_s, request.parameters)
+        admission = admission_of(request.parameters)
 
         async def one(index: int, image: bytes) -> SegmentOutput:
             segment = SegmentInput(
@@ -404,6 +412,7 @@ class TensorAPI:
                 output_model_size=options[1],
                 include_pixel_counts=COUNTS_OUTPUT in wanted,
                 embed_palette=options[2],
+                admission=admission,
             )
             try:
                 return await self._core.segment(segment, deadline_s)
@@ -442,19 +451,17 @@ def _dims(config: ModelConfig, dims: Iterable[int]) -> tuple[int, ...]:
     return (*batch, *dims)
 
 
-def _earliest(
-    deadline_s: float | None, parameters: dict[str, str | int | bool | float]
-) -> float | None:
-    """The call's deadline, or the request's `timeout` parameter (microseconds) if sooner."""
-    timeout_us = parameters.get("timeout")
-    if timeout_us is None:
-        return deadline_s
-    if isinstance(timeout_us, bool) or not isinstance(timeout_us, int) or timeout_us < 0:
-        raise InvalidArgument(f"parameter timeout = {timeout_us!r} is not microseconds (int >= 0)")
-    if timeout_us == 0:
-        return deadline_s
-    own = time.monotonic() + timeout_us / 1e6
-    return own if deadline_s is None else min(own, deadline_s)
+def admission_of(parameters: dict[str, str | int | bool | float]) -> Admission:
+    """Triton's `priority` and `timeout` (microseconds) request parameters: the level the
+    request waits on, and its queue timeout where the level's queue policy allows overrides."""
+    values = {}
+    for key in ("priority", "timeout"):
+        value = parameters.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            unit = " microseconds" if key == "timeout" else ""
+            raise InvalidArgument(f"parameter {key} = {value!r} is not an int >= 0{unit}")
+        values[key] = value
+    return Admission(priority=values["priority"], timeout_us=values["timeout"])
 
 
 def _image_options(

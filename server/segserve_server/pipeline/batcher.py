@@ -23,26 +23,47 @@ import dataclasses
 import logging
 import math
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from segserve_server.backends.base import AsyncBackend, Backend, SyncBackend
 from segserve_server.errors import (
     DeadlineExceeded,
+    FrameDropped,
+    FrameExpired,
     InferenceFailed,
     ModelUnavailable,
     QueueFull,
+    QueueTimeout,
     SegserveError,
 )
 from segserve_server.model_repository import BatchingConfig
+from segserve_server.pipeline.scheduling import PriorityQueue, Queued
 
-__all__ = ["BatchOutcome", "Batcher", "batch_deadline", "plan_batch"]
+__all__ = ["Admission", "BatchOutcome", "Batcher", "batch_deadline", "plan_batch"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """How a request joins its model's queue (pipeline.scheduling has the rules)."""
+
+    priority: int = 0
+    """Triton's priority (1 is the highest); 0, or a level the model lacks: its default level."""
+    timeout_us: int = 0
+    """Triton's request `timeout`: a queue timeout, where the level's policy allows overrides."""
+    flow: Hashable | None = None
+    """Requests of one flow (a stream) take turns with other flows; None: a flow of its own."""
+    sequence: int = 0
+    """The request's place in its flow (frames: the order they were read)."""
+    latest: bool = False
+    """Stream policy LATEST: supersedes the flow's older queued requests (FrameDropped)."""
+    expires_s: float | None = None
+    """A frame's max age, on time.monotonic(): past it when its batch forms, FrameExpired."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +74,7 @@ class BatchOutcome:
     queue_s: float
     infer_s: float
     batch_size: int
+    level: int = 1  # the priority level it waited on
 
 
 @dataclass(eq=False)
@@ -61,6 +83,8 @@ class _Pending:
     future: asyncio.Future[BatchOutcome]
     enqueued_s: float
     deadline_s: float | None
+    admission: Admission = field(default_factory=Admission)
+    level: int = 1
 
 
 def plan_batch(queued: int, oldest_wait_s: float, config: BatchingConfig) -> tuple[int, float]:
@@ -133,7 +157,7 @@ class Batcher:
         if limit and not config.preferred_batch_sizes and limit < config.max_batch_size:
             config = dataclasses.replace(config, max_batch_size=limit)
         self._config = config
-        self._queue: deque[_Pending] = deque()
+        self._queue = PriorityQueue[_Pending](config.priority)
         self._closing = False
         self._started = False
         self.abandoned_batches = 0  # async batches cancelled in flight: every caller had gone
@@ -144,7 +168,7 @@ class Batcher:
 
     async def start(self) -> None:
         self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(self._instances)
+        self._free_slots = self._instances  # batches that may start now
         self._executor = ThreadPoolExecutor(
             self._instances, thread_name_prefix=f"infer-{self._name}"
         )
@@ -153,25 +177,54 @@ class Batcher:
         self._loop_task.add_done_callback(self._loop_ended)
         self._started = True
 
-    async def submit(self, tensor: np.ndarray, deadline_s: float | None = None) -> BatchOutcome:
+    async def submit(
+        self,
+        tensor: np.ndarray,
+        deadline_s: float | None = None,
+        admission: Admission | None = None,
+    ) -> BatchOutcome:
         """Queues one input (without batch dim) and waits for its output (without batch dim)."""
+        admission = admission or Admission()
         if not self._started or self._closing:
             raise ModelUnavailable(f"model {self._name} is not accepting requests (draining)")
-        limit = self._config.max_queue_size
-        if limit and len(self._queue) >= limit:
-            self._drop_dead()
-        if limit and len(self._queue) >= limit:
-            raise QueueFull(
-                f"model {self._name} has {len(self._queue)} requests queued (limit {limit})"
-            )
         now = time.monotonic()
         if deadline_s is not None and now >= deadline_s:
             raise DeadlineExceeded(f"deadline passed before request was queued for {self._name}")
+        if admission.expires_s is not None and now >= admission.expires_s:
+            raise FrameExpired(f"frame was older than its max age before {self._name} queued it")
+        if admission.latest and admission.flow is not None:
+            self._supersede(admission)
+        level = self._config.priority.level_of(admission.priority)
+        try:
+            self._queue.check_room(level, f"model {self._name}")
+        except QueueFull:
+            self._drop_dead()
+            self._queue.check_room(level, f"model {self._name}")
+        timeout_us = self._queue.policy(level).timeout_us(admission.timeout_us)
         future: asyncio.Future[BatchOutcome] = asyncio.get_running_loop().create_future()
         future.add_done_callback(self._wake_if_cancelled)
-        self._queue.append(_Pending(tensor, future, now, deadline_s))
+        pending = _Pending(tensor, future, now, deadline_s, admission, level)
+        flow = admission.flow if admission.flow is not None else pending
+        timeout_at_s = now + timeout_us / 1e6 if timeout_us else None
+        self._queue.push(Queued(pending, level, flow, now, timeout_at_s))
         self._wakeup.set()
         return await future
+
+    def _supersede(self, admission: Admission) -> None:
+        """LATEST: the flow's older queued requests are dropped; if a newer one is already
+        queued (frames can finish decoding out of order), this one is."""
+        flow, sequence = admission.flow, admission.sequence
+
+        def same_flow(q: Queued[_Pending]) -> bool:
+            return q.flow == flow and q.item.admission.latest
+
+        if any(same_flow(q) and q.item.admission.sequence > sequence for q in self._queue):
+            raise FrameDropped(f"a newer frame of the stream was queued first for {self._name}")
+        for older in self._queue.keep(lambda q: not same_flow(q)):
+            _fail(
+                older.item.future,
+                FrameDropped(f"superseded by a newer frame of its stream in {self._name}'s queue"),
+            )
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         """If the batch-forming loop ever crashes, no request may wait for it forever."""
@@ -179,9 +232,8 @@ class Batcher:
             return
         log.error("model %s: batcher loop crashed", self._name, exc_info=task.exception())
         self._closing = True
-        for pending in self._queue:
-            _fail(pending.future, InferenceFailed(f"model {self._name}: batcher failed"))
-        self._queue.clear()
+        for queued in self._queue.keep(lambda q: False):
+            _fail(queued.item.future, InferenceFailed(f"model {self._name}: batcher failed"))
 
     def _wake_if_cancelled(self, future: asyncio.Future[BatchOutcome]) -> None:
         """A caller gave up: wake the loop so the request leaves the queue now, not at its turn."""
@@ -211,34 +263,46 @@ class Batcher:
                 for pending in running:
                     _fail(pending.future, stopped)
                 task.cancel()
-            for pending in self._queue:
-                _fail(pending.future, stopped)
-            self._queue.clear()
+            for queued in self._queue.keep(lambda q: False):
+                _fail(queued.item.future, stopped)
         finally:
             self._executor.shutdown(wait=False, cancel_futures=True)
             await self._backend.aclose()
 
     def _alive(self, pending: _Pending, now: float) -> bool:
-        """False for a request whose caller went away, or whose deadline passed (it is failed)."""
+        """False for a request whose caller went away, whose deadline passed, or (a frame) that
+        passed its max age; the last two are failed."""
         if pending.future.done():
             return False
         if pending.deadline_s is not None and now >= pending.deadline_s:
             _fail(pending.future, DeadlineExceeded(f"deadline passed in {self._name}'s queue"))
             return False
+        expires_s = pending.admission.expires_s
+        if expires_s is not None and now >= expires_s:
+            _fail(pending.future, FrameExpired(f"frame passed its max age in {self._name}'s queue"))
+            return False
         return True
 
+    def _next_expiry_s(self) -> float | None:
+        """When the next queued request's queue timeout, max age or deadline passes: it is
+        answered then, not when a batch happens to form."""
+        times = [self._queue.next_timeout_s()]
+        for queued in self._queue:
+            times += [queued.item.deadline_s, queued.item.admission.expires_s]
+        return min((s for s in times if s is not None), default=None)
+
     def _drop_dead(self) -> None:
-        """Removes requests whose caller went away or whose deadline has passed."""
+        """Removes requests whose caller went away, whose deadline or max age passed."""
         if self._queue:
             now = time.monotonic()
-            self._queue = deque(p for p in self._queue if self._alive(p, now))
+            self._queue.keep(lambda q: self._alive(q.item, now))
 
     async def _form_batches(self) -> None:
         while True:
-            await self._slots.acquire()
+            await self._wait_for_slot()
             batch = await self._next_batch()
             if batch is None:
-                self._slots.release()
+                self._free_slots += 1
                 return
             task = asyncio.create_task(self._run(batch))
             self._batches[task] = batch
@@ -246,23 +310,57 @@ class Batcher:
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._batches.pop(task, None)
-        self._slots.release()
+        self._free_slots += 1
+        self._wakeup.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("model %s: batch task failed", self._name, exc_info=task.exception())
 
+    async def _sleep(self, wait_s: float, now: float) -> None:
+        """Until the loop is woken (a request, a cancellation, a free slot), wait_s passes, or
+        the next queued request's timeout, max age or deadline comes."""
+        next_s = self._next_expiry_s()
+        if next_s is not None:
+            wait_s = min(wait_s, max(0.0, next_s - now))
+        self._wakeup.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(None if math.isinf(wait_s) else wait_s):
+                await self._wakeup.wait()
+
+    def _expire(self, now: float) -> None:
+        """Answers the queued requests that are over: gone, past their deadline or max age,
+        or (REJECT) past their queue timeout; DELAY ones move back."""
+        self._drop_dead()
+        for late in self._queue.apply_timeouts(now):
+            _fail(
+                late.item.future,
+                QueueTimeout(
+                    f"queue timeout passed in {self._name}'s queue (its queue policy: "
+                    "timeout_action REJECT)"
+                ),
+            )
+
+    async def _wait_for_slot(self) -> None:
+        """Takes a batch slot; while none is free, queued requests still expire on time."""
+        while True:
+            now = time.monotonic()
+            self._expire(now)
+            if self._free_slots > 0:
+                self._free_slots -= 1
+                return
+            await self._sleep(math.inf, now)
+
     async def _next_batch(self) -> list[_Pending] | None:
         while True:
-            self._drop_dead()
+            now = time.monotonic()
+            self._expire(now)
             if self._closing and not self._queue:
                 return None
-            oldest_wait_s = time.monotonic() - self._queue[0].enqueued_s if self._queue else 0.0
+            oldest_s = self._queue.oldest_enqueued_s()
+            oldest_wait_s = now - oldest_s if oldest_s is not None else 0.0
             count, wait_s = plan_batch(len(self._queue), oldest_wait_s, self._config)
             if count:
-                return [self._queue.popleft() for _ in range(count)]
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(None if math.isinf(wait_s) else wait_s):
-                    await self._wakeup.wait()
+                return [queued.item for queued in self._queue.pop_batch(count)]
+            await self._sleep(wait_s, now)
 
     async def _run(self, batch: list[_Pending]) -> None:
         try:
@@ -312,7 +410,9 @@ class Batcher:
         for pending, output in zip(batch, outputs, strict=True):
             _resolve(
                 pending.future,
-                BatchOutcome(output, started - pending.enqueued_s, infer_s, len(batch)),
+                BatchOutcome(
+                    output, started - pending.enqueued_s, infer_s, len(batch), pending.level
+                ),
             )
         if self._on_batch is not None:
             try:

@@ -65,6 +65,9 @@ class BatchingOptions:
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_delay_us: int = 2000
     max_queue_size: int = 64
+    # Two levels, as Triton's priority_levels: 1 for real-time streams, 2 (the default) for the
+    # rest, so that stream frames are batched ahead of bulk work.
+    priority_levels: int = 2
 
 
 def _numbers(values: Sequence[float]) -> str:
@@ -98,6 +101,9 @@ def config_text(name: str, spec: ModelSpec, batching: BatchingOptions) -> str:
     dyn.preferred_batch_size.extend(sorted(set(batching.preferred_batch_sizes)))
     dyn.max_queue_delay_microseconds = batching.max_queue_delay_us
     dyn.default_queue_policy.max_queue_size = batching.max_queue_size
+    if batching.priority_levels:
+        dyn.priority_levels = batching.priority_levels
+        dyn.default_priority_level = batching.priority_levels
     raw.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
     parameters = {
         "segserve.mean": _numbers(spec.mean),
