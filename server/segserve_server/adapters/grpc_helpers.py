@@ -24,7 +24,13 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from segserve_server.core.streams import StreamCut, StreamDrained, ordered_answers
-from segserve_server.errors import InferenceFailed, InvalidArgument, SegserveError
+from segserve_server.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidArgument,
+    ModelUnavailable,
+    SegserveError,
+)
 
 __all__ = [
     "StreamHandler",
@@ -95,10 +101,23 @@ def _unary(request_cls: type[Message], behaviour: Unary, where: str) -> UnaryHan
         except grpc.aio.AbortError:
             raise  # context.abort was already called
         except Exception as exc:
-            error = as_segserve_error(exc, where)
-            await context.abort(error.code, error.message)
+            await _abort(context, as_segserve_error(exc, where))
 
     return handle
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: SegserveError) -> None:
+    """Ends the call with the error's status, unless the call has already ended (the client
+    went away, or a broken call failed its own abort): then there is nobody to tell."""
+    if context.done() or context.cancelled():
+        log.debug("call already ended; not answering %s: %s", error.code.name, error.message)
+        return
+    try:
+        await context.abort(error.code, error.message)
+    except grpc.aio.AbortError:
+        raise  # how abort ends a handler
+    except Exception as exc:  # grpc's own errors of a call that broke meanwhile
+        log.debug("could not answer %s on a broken call: %s", error.code.name, exc)
 
 
 def _streaming(request_cls: type[Message], behaviour: Streaming, where: str) -> StreamingHandler:
@@ -111,8 +130,9 @@ def _streaming(request_cls: type[Message], behaviour: Streaming, where: str) -> 
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            error = as_segserve_error(exc, where)
-            await context.abort(error.code, error.message)
+            if context.done() or context.cancelled():
+                return  # a broken call failed its abort: the client is gone
+            await _abort(context, as_segserve_error(exc, where))
 
     return handle
 
@@ -207,13 +227,18 @@ async def ordered_stream(
         ):
             yield result
     except StreamDrained:
-        await context.abort(
-            grpc.StatusCode.UNAVAILABLE,
-            f"server is draining: every {what} read was answered; send the rest to another replica",
+        await _abort(
+            context,
+            ModelUnavailable(
+                f"server is draining: every {what} read was answered; send the rest to another "
+                "replica"
+            ),
         )
     except StreamCut:
-        await context.abort(
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            f"the stream's deadline came: every {what} read was answered; long-lived streams "
-            "should set no deadline and bound each frame with a max age",
+        await _abort(
+            context,
+            DeadlineExceeded(
+                f"the stream's deadline came: every {what} read was answered; long-lived streams "
+                "should set no deadline and bound each frame with a max age"
+            ),
         )
