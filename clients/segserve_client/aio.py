@@ -31,6 +31,7 @@ from segserve_client.types import (
     RequestFeed,
     Segmentation,
     SegmentOptions,
+    StreamOptions,
     StreamResult,
     channel_options,
     stream_result,
@@ -74,6 +75,8 @@ class AsyncSegserveClient:
         include_pixel_counts: bool = False,
         embed_palette: bool = False,
         pixel_format: str = "rgb",
+        priority: int = 0,
+        timeout_us: int = 0,
         timeout_s: float | None = None,
     ) -> Segmentation:
         """Segments one image; see SegserveClient.segment."""
@@ -85,6 +88,8 @@ class AsyncSegserveClient:
             include_pixel_counts=include_pixel_counts,
             embed_palette=embed_palette,
             pixel_format=pixel_format,
+            priority=priority,
+            timeout_us=timeout_us,
         )
         request = options.request(image)
         with rpc_errors():
@@ -104,10 +109,14 @@ class AsyncSegserveClient:
         pixel_format: str = "rgb",
         raise_errors: bool = False,
         timeout_s: float | None = None,
+        policy: Choice = "queue",
+        max_age_ms: int | None = None,
+        priority: int = 0,
     ) -> AsyncIterator[StreamResult]:
         """Segments a sync or async iterable of (frame_id, image) over one SegmentStream.
 
-        An async iterator of (frame_id, Segmentation | FrameFailed); see SegserveClient.stream.
+        An async iterator of (frame_id, Segmentation | FrameFailed | FrameSkipped) with the
+        stream options `policy`, `max_age_ms` and `priority`; see SegserveClient.stream.
         Leaving it early cancels the stream once the iterator is closed (contextlib.aclosing
         closes it at once).
         """
@@ -120,7 +129,8 @@ class AsyncSegserveClient:
             embed_palette=embed_palette,
             pixel_format=pixel_format,
         )
-        return self._stream(RequestFeed(frames, options), raise_errors, timeout_s)
+        stream = StreamOptions.create(policy, max_age_ms, priority)
+        return self._stream(RequestFeed(frames, options, stream), raise_errors, timeout_s)
 
     async def _stream(
         self, feed: RequestFeed, raise_errors: bool, timeout_s: float | None

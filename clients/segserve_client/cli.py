@@ -3,10 +3,12 @@
     segserve-client segment street.jpg --model roadseg -o mask.png --overlay overlay.png
     segserve-client models
     segserve-client model roadseg
+    segserve-client stream clip.mp4 --model roadseg --fps 30 --policy latest
 
 Each subcommand is one entry of COMMANDS: its help, a function adding its arguments and a
-function running it with a connected client; a later `bench` is one more entry. Every
-subcommand takes --server (default $SEGSERVE_SERVER or localhost:50051), --timeout and --json.
+function running it with a connected client; `bench` (segserve_client.bench) and `stream`
+(segserve_client.play) live in packages of their own. Every subcommand takes --server (default
+$SEGSERVE_SERVER or localhost:50051), --timeout and --json.
 Exit status: 0 done, 1 a failed call (printed as `error: CODE: details`) or a local failure,
 2 a usage error.
 """
@@ -25,7 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from segserve_client import bench
+from segserve_client import bench, play
 from segserve_client.client import SegserveClient
 from segserve_client.errors import SegserveError
 from segserve_client.masks import encode_png
@@ -286,6 +288,7 @@ COMMANDS: dict[str, Command] = {
     "models": Command("list the server's models", _add_models_arguments, _run_models),
     "model": Command("describe one model", _add_model_arguments, _run_model),
     "bench": Command("measure throughput and latency", bench.add_arguments, bench.run),
+    "stream": Command("play a video or images as real-time streams", play.add_arguments, play.run),
 }
 
 

@@ -30,6 +30,7 @@ from segserve_client.types import (
     RequestFeed,
     Segmentation,
     SegmentOptions,
+    StreamOptions,
     StreamResult,
     channel_options,
     stream_result,
@@ -74,11 +75,16 @@ class SegserveClient:
         include_pixel_counts: bool = False,
         embed_palette: bool = False,
         pixel_format: str = "rgb",
+        priority: int = 0,
+        timeout_us: int = 0,
         timeout_s: float | None = None,
     ) -> Segmentation:
         """Segments one image (encoded bytes, a file path or a uint8 array, see ImageInput).
 
-        `pixel_format` ("rgb" or "bgr") tells the channel order of (H, W, 3) arrays.
+        `pixel_format` ("rgb" or "bgr") tells the channel order of (H, W, 3) arrays. `priority`
+        is the request's priority level (1: the highest; 0: the model's default level) and
+        `timeout_us` its queue timeout (0: the model's; only shortens it, where the model's
+        queue policy allows overrides).
         """
         options = SegmentOptions.create(
             model,
@@ -88,6 +94,8 @@ class SegserveClient:
             include_pixel_counts=include_pixel_counts,
             embed_palette=embed_palette,
             pixel_format=pixel_format,
+            priority=priority,
+            timeout_us=timeout_us,
         )
         request = options.request(image)
         with rpc_errors():
@@ -107,15 +115,28 @@ class SegserveClient:
         pixel_format: str = "rgb",
         raise_errors: bool = False,
         timeout_s: float | None = None,
+        policy: Choice = "queue",
+        max_age_ms: int | None = None,
+        priority: int = 0,
     ) -> Iterator[StreamResult]:
-        """Segments (frame_id, image) pairs over one SegmentStream; yields (frame_id, result).
+        """Segments frames over one SegmentStream; yields (frame_id, result) per frame.
 
-        Answers come in the order of the frames. A frame the server fails is yielded as a
-        FrameFailed (raised instead with `raise_errors`); a stream-level failure raises
-        SegserveError. A frame that cannot be sent (a bad array) ends the stream: the frames
-        before it are answered, then its ValueError is raised. `timeout_s` is the deadline of
-        the whole stream (None: none; the client's default timeout is for unary calls only).
-        Frames are read on a gRPC thread, as the server takes them.
+        A frame is a (frame_id, image) pair, captured when it is sent, or a StreamFrame (its own
+        capture time, policy, max age and priority). Answers come in the order of the frames,
+        one per frame: a Segmentation (OK), a FrameDropped or FrameExpired (never raised: they
+        are not errors) or a FrameFailed (raised instead with `raise_errors`); each has
+        `status` and the frame's times. A stream-level failure raises SegserveError. A frame
+        that cannot be sent (a bad array) ends the stream: the frames before it are answered,
+        then its ValueError is raised. `timeout_s` is the deadline of the whole stream (None:
+        none; the client's default timeout is for unary calls only; a long stream should bound
+        its frames with `max_age_ms` instead). Frames are read on a gRPC thread, as the server
+        takes them.
+
+        The stream's options go with the first frame: `policy` "queue" (every frame runs, in
+        turn) or "latest" (a frame not started when a newer one is queued is DROPPED),
+        `max_age_ms` (a frame older than this since the server read it when its batch forms is
+        EXPIRED; None: no max age) and `priority` (the frames' level; 0: the server's stream
+        level, 1, the highest).
         """
         options = SegmentOptions.create(
             model,
@@ -126,7 +147,8 @@ class SegserveClient:
             embed_palette=embed_palette,
             pixel_format=pixel_format,
         )
-        feed = RequestFeed(frames, options)
+        stream = StreamOptions.create(policy, max_age_ms, priority)
+        feed = RequestFeed(frames, options, stream)
         return self._stream(feed, feed.requests(), raise_errors, timeout_s)
 
     def _stream(

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 
 import grpc
 
+from segserve_client.streaming import FrameStatus, FrameTiming
+
 __all__ = [
     "FrameFailed",
     "SegserveError",
@@ -44,11 +46,35 @@ class SegserveError(Exception):
 
 
 class FrameFailed(SegserveError):
-    """One frame of a SegmentStream was answered with an error; the stream itself went on."""
+    """One frame of a SegmentStream was answered with an error (status ERROR); the stream
+    itself went on. `frame` holds the frame's times (None if the answer is not known)."""
 
-    def __init__(self, frame_id: int, code: grpc.StatusCode, details: str) -> None:
+    def __init__(
+        self,
+        frame_id: int,
+        code: grpc.StatusCode,
+        details: str,
+        frame: FrameTiming | None = None,
+    ) -> None:
         super().__init__(code, details)
         self.frame_id = frame_id
+        self.frame = frame
+
+    @property
+    def status(self) -> FrameStatus:
+        return FrameStatus.ERROR
+
+    @property
+    def capture_time_us(self) -> int:
+        return self.frame.capture_time_us if self.frame else 0
+
+    @property
+    def receive_time_us(self) -> int:
+        return self.frame.receive_time_us if self.frame else 0
+
+    @property
+    def answer_time_us(self) -> int:
+        return self.frame.answer_time_us if self.frame else 0
 
     def __str__(self) -> str:
         return f"frame {self.frame_id}: {super().__str__()}"

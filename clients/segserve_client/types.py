@@ -1,9 +1,10 @@
 """What a segserve client sends and gets back, shared by the sync and the asyncio client.
 
 The user-facing results are plain dataclasses (`Segmentation` here; `ModelInfo` and
-`ModelSummary` in `models`, re-exported) built from the protobuf answers; the requests are built here too (`SegmentOptions`,
-`image_proto`), from encoded image bytes, a file path or a numpy array. Nothing in this module
-does I/O on a channel: `client.py` and `aio.py` only add the calls.
+`ModelSummary` in `models`, the stream results `FrameSkipped` & co. in `streaming`, re-exported)
+built from the protobuf answers; the requests are built here too (`SegmentOptions`,
+`image_proto`, `RequestFeed`), from encoded image bytes, a file path or a numpy array. Nothing in
+this module does I/O on a channel: `client.py` and `aio.py` only add the calls.
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ from segserve.v1 import segserve_pb2 as pb
 from segserve_client.errors import FrameFailed, status_code
 from segserve_client.masks import MaskDecodeError, decode_png, decode_srle
 from segserve_client.models import BatchingInfo, ClassInfo, ModelInfo, ModelSummary, ReadinessWait
+from segserve_client.streaming import (
+    FrameDropped,
+    FrameExpired,
+    FrameSkipped,
+    FrameStatus,
+    FrameTiming,
+    StreamFrame,
+    StreamOptions,
+    now_us,
+)
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -33,6 +44,11 @@ __all__ = [
     "ClassInfo",
     "ClassPresence",
     "Frame",
+    "FrameDropped",
+    "FrameExpired",
+    "FrameSkipped",
+    "FrameStatus",
+    "FrameTiming",
     "ImageInput",
     "ModelInfo",
     "ModelSummary",
@@ -41,6 +57,8 @@ __all__ = [
     "SegmentOptions",
     "Segmentation",
     "StageTimings",
+    "StreamFrame",
+    "StreamOptions",
     "StreamResult",
     "channel_options",
     "decode_mask",
@@ -55,9 +73,11 @@ ImageInput: TypeAlias = bytes | bytearray | memoryview | str | os.PathLike[str] 
 (H, W, 3) RGB or BGR (see `pixel_format`), or (H, W) grey."""
 Choice: TypeAlias = str | int
 """An enum value of the API given by its short name ("png") or its protobuf number."""
-Frame: TypeAlias = tuple[int, ImageInput]
-"""One frame of a stream: the caller's frame id and the image."""
-StreamResult: TypeAlias = tuple[int, "Segmentation | FrameFailed"]
+Frame: TypeAlias = tuple[int, ImageInput] | StreamFrame
+"""One frame of a stream: the caller's frame id and the image (captured when sent), or a
+StreamFrame with its capture time and per-frame overrides."""
+StreamResult: TypeAlias = tuple[int, "Segmentation | FrameFailed | FrameSkipped"]
+"""(frame_id, what became of the frame): OK, ERROR, or DROPPED / EXPIRED (FrameSkipped)."""
 
 ENCODINGS: dict[str, pb.MaskEncoding] = {
     "srle": pb.MASK_ENCODING_SRLE,
@@ -158,6 +178,8 @@ class SegmentOptions:
     include_pixel_counts: bool
     embed_palette: bool
     pixel_format: str
+    priority: int = 0
+    timeout_us: int = 0
 
     @classmethod
     def create(
@@ -170,12 +192,20 @@ class SegmentOptions:
         include_pixel_counts: bool = False,
         embed_palette: bool = False,
         pixel_format: str = "rgb",
+        priority: int = 0,
+        timeout_us: int = 0,
     ) -> SegmentOptions:
         """Checks and normalises the options; raises ValueError naming the bad one."""
         if not model:
             raise ValueError("a model name is required")
         if version < 0:
             raise ValueError(f"a model version is >= 0 (0: the serving one), got {version}")
+        if not 0 <= priority < 2**32:
+            raise ValueError(
+                f"a priority level is >= 0 (1: the highest, 0: default), got {priority}"
+            )
+        if not 0 <= timeout_us < 2**64:
+            raise ValueError(f"a queue timeout is >= 0 us (0: the model's), got {timeout_us}")
         if isinstance(encodings, str | int):
             encodings = (encodings,)
         numbers = tuple(_choice(e, ENCODINGS, "mask encoding") for e in encodings)
@@ -190,6 +220,8 @@ class SegmentOptions:
             include_pixel_counts=include_pixel_counts,
             embed_palette=embed_palette,
             pixel_format=pixel_format,
+            priority=priority,
+            timeout_us=timeout_us,
         )
 
     def request(self, image: ImageInput | pb.Image) -> pb.SegmentRequest:
@@ -202,25 +234,49 @@ class SegmentOptions:
             output_size=self.output_size,
             include_pixel_counts=self.include_pixel_counts,
             embed_palette=self.embed_palette,
+            priority=self.priority,
+            timeout_us=self.timeout_us,
         )
 
 
 class RequestFeed:
-    """Turns (frame_id, image) pairs into SegmentStreamRequests and keeps a failure for later.
+    """Turns frames ((frame_id, image) pairs or StreamFrames) into SegmentStreamRequests and keeps
+    a failure for later.
+
+    The first frame carries the stream's options (`stream`, if given). A frame's capture time is
+    its own or, if it has none, the time the feed hands it to grpc to send.
 
     grpc reads a request iterator on its own thread (or task) and turns an exception raised there
     into a bare CANCELLED. The feed instead ends the request stream, so every frame sent before
     is still answered, and the client re-raises the exception (`raise_error`) after the last one.
     """
 
-    def __init__(self, frames: Iterable[Frame] | AsyncIterable[Frame], options: SegmentOptions):
+    def __init__(
+        self,
+        frames: Iterable[Frame] | AsyncIterable[Frame],
+        options: SegmentOptions,
+        stream: StreamOptions | None = None,
+    ):
         self._frames = frames
         self._options = options
+        self._stream = stream
         self.error: Exception | None = None
 
     def _request(self, frame: Frame) -> pb.SegmentStreamRequest:
-        frame_id, image = frame
-        return pb.SegmentStreamRequest(frame_id=frame_id, request=self._options.request(image))
+        if isinstance(frame, StreamFrame):
+            message = pb.SegmentStreamRequest(
+                frame_id=frame.frame_id, request=self._options.request(frame.image)
+            )
+            frame.fill(message)
+        else:
+            frame_id, image = frame
+            message = pb.SegmentStreamRequest(
+                frame_id=frame_id, request=self._options.request(image), capture_time_us=now_us()
+            )
+        if self._stream is not None:
+            message.options.CopyFrom(self._stream.proto())
+            self._stream = None  # the first frame only: the options hold from then on
+        return message
 
     def requests(self) -> Iterator[pb.SegmentStreamRequest]:
         """The requests, for the sync client (the frames must be a plain iterable)."""
@@ -331,6 +387,24 @@ class Segmentation:
     timings: StageTimings
     masks: dict[str, bytes]
     """Encoded masks by encoding name ("srle", "png", "raw"), in request order."""
+    frame: FrameTiming | None = None
+    """A stream frame's times (status OK); None for a Segment call."""
+
+    @property
+    def status(self) -> FrameStatus:
+        return FrameStatus.OK
+
+    @property
+    def capture_time_us(self) -> int:
+        return self.frame.capture_time_us if self.frame else 0
+
+    @property
+    def receive_time_us(self) -> int:
+        return self.frame.receive_time_us if self.frame else 0
+
+    @property
+    def answer_time_us(self) -> int:
+        return self.frame.answer_time_us if self.frame else 0
 
     @cached_property
     def labels(self) -> np.ndarray:
@@ -343,7 +417,9 @@ class Segmentation:
         return labels
 
     @classmethod
-    def from_proto(cls, response: pb.SegmentResponse) -> Segmentation:
+    def from_proto(
+        cls, response: pb.SegmentResponse, frame: FrameTiming | None = None
+    ) -> Segmentation:
         return cls(
             width=response.width,
             height=response.height,
@@ -352,23 +428,40 @@ class Segmentation:
             classes=[ClassPresence(c.class_id, c.name, c.pixel_count) for c in response.classes],
             timings=StageTimings.from_proto(response.timings),
             masks={encoding_name(m.encoding): m.data for m in response.masks},
+            frame=frame,
         )
 
 
-def stream_result(response: pb.SegmentStreamResponse, raise_errors: bool = False) -> StreamResult:
-    """(frame_id, Segmentation or FrameFailed) of one stream answer; raises the failure if asked."""
+def stream_result(
+    response: pb.SegmentStreamResponse,
+    raise_errors: bool = False,
+    *,
+    arrival_time_us: int | None = None,
+) -> StreamResult:
+    """(frame_id, result) of one stream answer: a Segmentation (OK), a FrameDropped or
+    FrameExpired (never raised: they are not errors) or a FrameFailed (ERROR, or an answer that
+    says nothing usable), raised instead with `raise_errors`.
+
+    `arrival_time_us` is when the answer was read (default: now), on the client's clock.
+    """
+    arrived = now_us() if arrival_time_us is None else arrival_time_us
+    status = FrameStatus.from_proto(response.status)
     kind = response.WhichOneof("result")
-    result: Segmentation | FrameFailed
-    if kind == "response":
-        result = Segmentation.from_proto(response.response)
-    elif kind == "error":
-        result = FrameFailed(
-            response.frame_id, status_code(response.error.code), response.error.message
-        )
+    result: Segmentation | FrameFailed | FrameSkipped
+    if status is FrameStatus.DROPPED or status is FrameStatus.EXPIRED:
+        skipped = FrameDropped if status is FrameStatus.DROPPED else FrameExpired
+        details = response.error.message if kind == "error" else ""
+        result = skipped(FrameTiming.from_proto(response, status, arrived), details)
+    elif kind == "response":  # OK, or a server that does not send status
+        timing = FrameTiming.from_proto(response, FrameStatus.OK, arrived)
+        result = Segmentation.from_proto(response.response, timing)
     else:
-        result = FrameFailed(
-            response.frame_id, grpc.StatusCode.UNKNOWN, "the server answered with neither result"
-        )
+        timing = FrameTiming.from_proto(response, FrameStatus.ERROR, arrived)
+        if kind == "error":
+            code, details = status_code(response.error.code), response.error.message
+        else:
+            code, details = grpc.StatusCode.UNKNOWN, "the server answered with neither result"
+        result = FrameFailed(response.frame_id, code, details, timing)
     if raise_errors and isinstance(result, FrameFailed):
         raise result
     return response.frame_id, result
