@@ -466,3 +466,40 @@ async def test_frames_that_fail_are_counted(target, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err  # a failed frame is an answer: every frame was answered
     assert "errors: INVALID_ARGUMENT 1" in captured.out
+
+
+@pytest.mark.slow
+async def test_a_camvid_sequence_as_a_real_video(target, tmp_path, capsys):
+    """CamVid's val frames are one drive (sequence 0016E5): 30 of them make a real 480x360 test
+    video, played at 30 fps with LATEST on two streams; every frame sent is accounted for."""
+    from tests.conftest import CAMVID
+
+    frames = sorted((CAMVID / "val").glob("0016E5_*.png"))[:30]
+    if len(frames) < 30:
+        pytest.skip(f"CamVid val sequence 0016E5 not found under {CAMVID}")
+    first = cv2.imread(str(frames[0]))
+    assert first is not None
+    height, width = first.shape[:2]
+    video = tmp_path / "0016E5.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter.fourcc(*"mp4v"), 30.0, (width, height))
+    for path in frames:
+        picture = cv2.imread(str(path))
+        assert picture is not None
+        writer.write(picture)
+    writer.release()
+    overlay = tmp_path / "overlay.mp4"
+    code = await run_cli(
+        "stream", str(video), "--model", "colour", "--policy", "latest", "--streams", "2",
+        "--overlay-video", str(overlay), "--server", target, "--json", "-q",
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out)
+    assert summary["config"]["fps"] == 30.0 and summary["config"]["source"]["kind"] == "video"
+    total = summary["total"]
+    assert total["sent"] == total["answered"] == 60 and total["accounted"]
+    assert total["answers"]["ERROR"] == 0
+    written = cv2.VideoCapture(str(overlay))
+    count = int(written.get(cv2.CAP_PROP_FRAME_COUNT))
+    written.release()
+    assert count == 30
