@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import grpc
 
-from segserve_client.streaming import FrameStatus, FrameTiming
+from segserve_client.streaming import FrameStatus, FrameTimes, FrameTiming
 
 __all__ = [
     "FrameFailed",
@@ -45,7 +45,7 @@ class SegserveError(Exception):
         return cls(code or grpc.StatusCode.UNKNOWN, details or str(error))
 
 
-class FrameFailed(SegserveError):
+class FrameFailed(SegserveError, FrameTimes):
     """One frame of a SegmentStream was answered with an error (status ERROR); the stream
     itself went on. `frame` holds the frame's times (None if the answer is not known)."""
 
@@ -63,18 +63,6 @@ class FrameFailed(SegserveError):
     @property
     def status(self) -> FrameStatus:
         return FrameStatus.ERROR
-
-    @property
-    def capture_time_us(self) -> int:
-        return self.frame.capture_time_us if self.frame else 0
-
-    @property
-    def receive_time_us(self) -> int:
-        return self.frame.receive_time_us if self.frame else 0
-
-    @property
-    def answer_time_us(self) -> int:
-        return self.frame.answer_time_us if self.frame else 0
 
     def __str__(self) -> str:
         return f"frame {self.frame_id}: {super().__str__()}"

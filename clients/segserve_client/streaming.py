@@ -30,6 +30,7 @@ __all__ = [
     "FrameExpired",
     "FrameSkipped",
     "FrameStatus",
+    "FrameTimes",
     "FrameTiming",
     "StreamFrame",
     "StreamOptions",
@@ -140,8 +141,32 @@ class FrameTiming:
         )
 
 
+class FrameTimes:
+    """A stream result's capture, receive and answer times, from its `frame` attribute (a
+    FrameTiming, or None: 0 for each)."""
+
+    def _timing(self) -> FrameTiming | None:
+        timing: FrameTiming | None = getattr(self, "frame", None)
+        return timing
+
+    @property
+    def capture_time_us(self) -> int:
+        timing = self._timing()
+        return timing.capture_time_us if timing else 0
+
+    @property
+    def receive_time_us(self) -> int:
+        timing = self._timing()
+        return timing.receive_time_us if timing else 0
+
+    @property
+    def answer_time_us(self) -> int:
+        timing = self._timing()
+        return timing.answer_time_us if timing else 0
+
+
 @dataclass(frozen=True)
-class FrameSkipped:
+class FrameSkipped(FrameTimes):
     """A frame the server answered without running it (DROPPED or EXPIRED); not an error.
 
     `details` is the server's message, if it gave one.
@@ -157,18 +182,6 @@ class FrameSkipped:
     @property
     def status(self) -> FrameStatus:
         return self.frame.status
-
-    @property
-    def capture_time_us(self) -> int:
-        return self.frame.capture_time_us
-
-    @property
-    def receive_time_us(self) -> int:
-        return self.frame.receive_time_us
-
-    @property
-    def answer_time_us(self) -> int:
-        return self.frame.answer_time_us
 
     def __str__(self) -> str:
         return f"frame {self.frame_id}: {self.status}" + (

@@ -28,6 +28,7 @@ from segserve_client.streaming import (
     FrameExpired,
     FrameSkipped,
     FrameStatus,
+    FrameTimes,
     FrameTiming,
     StreamFrame,
     StreamOptions,
@@ -376,7 +377,7 @@ def decode_mask(encoding: str, data: bytes, width: int, height: int) -> np.ndarr
 
 
 @dataclass(frozen=True)
-class Segmentation:
+class Segmentation(FrameTimes):
     """The answer to one image: the label map in each requested encoding, and what is in it."""
 
     width: int
@@ -393,18 +394,6 @@ class Segmentation:
     @property
     def status(self) -> FrameStatus:
         return FrameStatus.OK
-
-    @property
-    def capture_time_us(self) -> int:
-        return self.frame.capture_time_us if self.frame else 0
-
-    @property
-    def receive_time_us(self) -> int:
-        return self.frame.receive_time_us if self.frame else 0
-
-    @property
-    def answer_time_us(self) -> int:
-        return self.frame.answer_time_us if self.frame else 0
 
     @cached_property
     def labels(self) -> np.ndarray:

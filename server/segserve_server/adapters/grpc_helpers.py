@@ -34,6 +34,7 @@ from segserve_server.errors import (
 
 __all__ = [
     "StreamHandler",
+    "StreamLimits",
     "as_segserve_error",
     "deadline_of",
     "handler_table",
@@ -191,6 +192,15 @@ class StreamHandler(Generic[F, A]):
     dropped: Callable[[F], A] | None = None
 
 
+@dataclass(frozen=True)
+class StreamLimits:
+    """A stream API's flow control (core.streams.ordered_answers) and what it calls a frame."""
+
+    max_inflight: int
+    max_unsent: int
+    what: str
+
+
 def stream_cut_at(context: grpc.aio.ServicerContext, margin_s: float) -> float | None:
     """When a stream with a deadline stops reading and answers what it read: margin_s before
     the deadline (time.monotonic()); None without a deadline."""
@@ -202,11 +212,8 @@ async def ordered_stream(
     frames: AsyncIterator[F],
     handler: StreamHandler[F, A],
     context: grpc.aio.ServicerContext,
-    *,
-    max_inflight: int,
-    max_unsent: int,
+    limits: StreamLimits,
     draining: asyncio.Event | None,
-    what: str,
     cut_at_s: float | None,
 ) -> AsyncIterator[A]:
     """handler.answer(frame) for every frame, in frame order (core.streams.ordered_answers).
@@ -217,8 +224,8 @@ async def ordered_stream(
         async for result in ordered_answers(
             frames,
             handler.answer,
-            max_inflight=max_inflight,
-            max_unsent=max_unsent,
+            max_inflight=limits.max_inflight,
+            max_unsent=limits.max_unsent,
             draining=draining,
             latest=handler.latest,
             dropped=handler.dropped,
@@ -230,7 +237,7 @@ async def ordered_stream(
         await _abort(
             context,
             ModelUnavailable(
-                f"server is draining: every {what} read was answered; send the rest to another "
+                f"server is draining: every {limits.what} read was answered; send the rest to another "
                 "replica"
             ),
         )
@@ -238,7 +245,7 @@ async def ordered_stream(
         await _abort(
             context,
             DeadlineExceeded(
-                f"the stream's deadline came: every {what} read was answered; long-lived streams "
+                f"the stream's deadline came: every {limits.what} read was answered; long-lived streams "
                 "should set no deadline and bound each frame with a max age"
             ),
         )

@@ -22,6 +22,7 @@ from tritonclient.grpc import service_pb2 as kserve
 from segserve_server import __version__
 from segserve_server.adapters.grpc_helpers import (
     StreamHandler,
+    StreamLimits,
     as_segserve_error,
     deadline_of,
     handler_table,
@@ -93,7 +94,7 @@ class KServeServicer:
         self, api: TensorAPI, *, max_inflight_requests: int, deadline_margin_s: float = 0.1
     ) -> None:
         self._api = api
-        self._max_inflight = max_inflight_requests
+        self._limits = StreamLimits(max_inflight_requests, max_inflight_requests, "request")
         self._deadline_margin_s = deadline_margin_s
         self.draining: asyncio.Event | None = None  # set by the server at start
 
@@ -296,11 +297,9 @@ class KServeServicer:
             frames,
             StreamHandler(answer=answer, cut=cut),
             context,
-            max_inflight=self._max_inflight,
-            max_unsent=self._max_inflight,
-            draining=self.draining,
-            what="request",
-            cut_at_s=cut_at_s,
+            self._limits,
+            self.draining,
+            cut_at_s,
         )
 
 

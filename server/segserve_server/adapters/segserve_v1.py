@@ -17,6 +17,7 @@ import grpc
 from segserve.v1 import segserve_pb2 as pb
 from segserve_server.adapters.grpc_helpers import (
     StreamHandler,
+    StreamLimits,
     deadline_of,
     handler_table,
     ordered_stream,
@@ -253,6 +254,10 @@ class SegmentationServicer:
 
     def __init__(self, core: SegmentationCore) -> None:
         self._core = core
+        settings = core.settings
+        self._limits = StreamLimits(
+            settings.stream_max_inflight_frames, settings.stream_max_unsent_answers, "frame"
+        )
         self.draining: asyncio.Event | None = None  # set by the server at start
 
     async def Segment(
@@ -287,11 +292,9 @@ class SegmentationServicer:
                 cut=lambda frame: to_stream_response(session.cut(frame)),
             ),
             context,
-            max_inflight=settings.stream_max_inflight_frames,
-            max_unsent=settings.stream_max_unsent_answers,
-            draining=self.draining,
-            what="frame",
-            cut_at_s=cut_at_s,
+            self._limits,
+            self.draining,
+            cut_at_s,
         )
 
     async def ListModels(
