@@ -190,3 +190,26 @@ async def test_queue_timeout_rejects_or_delays():
     await asyncio.gather(blocker, old, fresh)
     assert delayed_backend.batches == [[0.0], [2.0], [1.0]]  # the delayed one after the on-time
     await delaying.stop()
+
+
+async def test_a_latest_stream_runs_one_frame_at_a_time_and_the_newest_next():
+    """Two batch slots: while frame 1 of camera A runs, its frames 2 and 3 wait queued (3
+    supersedes 2) although a slot is free, and camera B's frame takes that slot; when frame 1
+    ends, the newest, 3, runs."""
+    backend = SteppedBackend()
+    batcher = Batcher(backend, batching(), name="m", instances=2)
+    await batcher.start()
+    first = submit(batcher, 1, flow="a", sequence=1, latest=True)
+    await running(backend)
+    second = submit(batcher, 2, flow="a", sequence=2, latest=True)
+    await until(lambda: batcher.queue_depth == 1, "frame 2 waits although a slot is free")
+    other = submit(batcher, 9, flow="b", sequence=1, latest=True)
+    await running(backend)  # camera B's frame took the second slot
+    third = submit(batcher, 3, flow="a", sequence=3, latest=True)
+    with pytest.raises(FrameDropped):
+        await second
+    assert backend.batches == [[1.0], [9.0]]
+    backend.steps.release(3)
+    await asyncio.gather(first, other, third)
+    assert backend.batches == [[1.0], [9.0], [3.0]]
+    await batcher.stop()

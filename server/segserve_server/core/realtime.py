@@ -115,6 +115,7 @@ class StreamSession:
         self._options = StreamOptions()
         self._sequence = itertools.count()
         self._flow = object()  # this stream's flow for the batcher's fair turns
+        self._newest = -1  # the sequence number of the newest frame read
 
     async def frames(self, messages: AsyncIterator[FrameIn]) -> AsyncIterator[Frame]:
         """The frames among the messages read (options-only messages change the options)."""
@@ -133,12 +134,13 @@ class StreamSession:
             request=message.request,
             error=message.error,
             policy=message.policy or self._options.policy,
-            sequence=next(self._sequence),
+            sequence=(sequence := next(self._sequence)),
             expires_s=received_s + max_age_s if max_age_s else None,
             capture_time_us=message.capture_time_us,
             receive_time_us=_now_us(),
             received_s=received_s,
         )
+        self._newest = sequence
         metrics = self._core.metrics
         metrics.stream_frames_received.labels(self._model(frame), frame.policy.value).inc()
         return frame
@@ -163,6 +165,9 @@ class StreamSession:
             sequence=frame.sequence,
             latest=frame.policy is Policy.LATEST,
             expires_s=frame.expires_s,
+            superseded=(
+                (lambda: self._newest > frame.sequence) if frame.policy is Policy.LATEST else None
+            ),
         )
         request = replace(frame.request, admission=admission)
         try:

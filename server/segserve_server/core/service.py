@@ -24,6 +24,7 @@ import numpy as np
 
 from segserve_server.core.models import ModelManager, ReadyVersion
 from segserve_server.core.requests import (
+    Admission,
     ClassCount,
     SegmentInput,
     SegmentOutput,
@@ -33,6 +34,7 @@ from segserve_server.core.requests import (
 )
 from segserve_server.errors import (
     DeadlineExceeded,
+    FrameDropped,
     InferenceFailed,
     InvalidArgument,
     SegserveError,
@@ -185,7 +187,9 @@ class SegmentationCore:
         model = self.models.get(request.model, request.version)
         config = model.config
         timings = StageTimings()
-        tensor, width, height = await self._in_pool(self._prepare, request.image, model, timings)
+        tensor, width, height = await self._in_pool(
+            self._prepare, request.image, model, timings, request.admission
+        )
         outcome = await model.batcher.submit(tensor, deadline_s, request.admission)
         self._observe_queue(request.model, outcome)
         timings.queue, timings.infer, timings.batch_size = (
@@ -232,8 +236,11 @@ class SegmentationCore:
         image: bytes | memoryview | decode.RawPixels,
         model: ReadyVersion,
         timings: StageTimings,
+        admission: Admission,
     ) -> tuple[np.ndarray, int, int]:
         """Decode and preprocess, in a worker thread. Returns the tensor and the original size."""
+        if admission.superseded is not None and admission.superseded():
+            raise FrameDropped("a newer frame of the stream came before this one was decoded")
         config = model.config
         watch = _Stopwatch()
         if isinstance(image, decode.RawPixels):

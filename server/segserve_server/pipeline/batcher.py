@@ -64,6 +64,9 @@ class Admission:
     """Stream policy LATEST: supersedes the flow's older queued requests (FrameDropped)."""
     expires_s: float | None = None
     """A frame's max age, on time.monotonic(): past it when its batch forms, FrameExpired."""
+    superseded: Callable[[], bool] | None = field(default=None, compare=False)
+    """LATEST: true once a newer frame of the flow has been read; checked before decoding, so
+    that a frame already out of date costs no decode."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,7 @@ class Batcher:
         self._closing = False
         self._started = False
         self.abandoned_batches = 0  # async batches cancelled in flight: every caller had gone
+        self._busy_flows: set[Hashable] = set()  # LATEST flows with a request in a running batch
 
     @property
     def queue_depth(self) -> int:
@@ -355,14 +359,35 @@ class Batcher:
             self._expire(now)
             if self._closing and not self._queue:
                 return None
-            oldest_s = self._queue.oldest_enqueued_s()
-            oldest_wait_s = now - oldest_s if oldest_s is not None else 0.0
-            count, wait_s = plan_batch(len(self._queue), oldest_wait_s, self._config)
+            ready = [q for q in self._queue if self._eligible(q)]
+            oldest_wait_s = now - min(q.enqueued_s for q in ready) if ready else 0.0
+            count, wait_s = plan_batch(len(ready), oldest_wait_s, self._config)
             if count:
-                return [queued.item for queued in self._queue.pop_batch(count)]
+                batch = [q.item for q in self._queue.pop_batch(count, self._eligible)]
+                self._busy_flows.update(
+                    p.admission.flow
+                    for p in batch
+                    if p.admission.latest and p.admission.flow is not None
+                )
+                return batch
             await self._sleep(wait_s, now)
 
+    def _eligible(self, queued: Queued[_Pending]) -> bool:
+        """A LATEST stream runs one frame at a time: while one of its frames runs, its next
+        waits queued (where a newer frame still supersedes it), then runs alone, on every core
+        a backend gives a lone request. The next to run is so always the newest."""
+        return not (queued.item.admission.latest and queued.flow in self._busy_flows)
+
     async def _run(self, batch: list[_Pending]) -> None:
+        try:
+            await self._run_batch(batch)
+        finally:
+            for pending in batch:
+                if pending.admission.latest:
+                    self._busy_flows.discard(pending.admission.flow)
+            self._wakeup.set()
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
         try:
             await self._run_once(batch)
         except SegserveError as exc:

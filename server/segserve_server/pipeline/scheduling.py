@@ -61,19 +61,24 @@ class _Level(Generic[T]):
             self.flows.setdefault(queued.flow, deque()).append(queued)
         self.size += 1
 
-    def pop(self) -> Queued[T]:
-        """The next flow's oldest request (flows take turns), then the delayed ones in order."""
-        if self.flows:
-            flow, waiting = next(iter(self.flows.items()))
-            queued = waiting.popleft()
-            if waiting:
-                self.flows.move_to_end(flow)
-            else:
-                del self.flows[flow]
-        else:
-            queued = self.delayed.popleft()
-        self.size -= 1
-        return queued
+    def pop(self, eligible: Callable[[Queued[T]], bool]) -> Queued[T] | None:
+        """The next eligible flow's oldest request (flows take turns), then the delayed ones
+        in order; None if no request of the level is eligible."""
+        for flow, waiting in self.flows.items():
+            if eligible(waiting[0]):
+                queued = waiting.popleft()
+                if waiting:
+                    self.flows.move_to_end(flow)
+                else:
+                    del self.flows[flow]
+                self.size -= 1
+                return queued
+        for index, queued in enumerate(self.delayed):
+            if eligible(queued):
+                del self.delayed[index]
+                self.size -= 1
+                return queued
+        return None
 
     def __iter__(self) -> Iterator[Queued[T]]:
         for waiting in self.flows.values():
@@ -165,19 +170,27 @@ class PriorityQueue(Generic[T]):
                     rejected.append(queued)
         return rejected
 
-    def pop_batch(self, count: int) -> list[Queued[T]]:
-        """The next batch of up to `count` requests (see the module doc for the order)."""
+    def eligible_count(self, eligible: Callable[[Queued[T]], bool]) -> int:
+        return sum(1 for q in self if eligible(q))
+
+    def pop_batch(
+        self, count: int, eligible: Callable[[Queued[T]], bool] = lambda q: True
+    ) -> list[Queued[T]]:
+        """The next batch of up to `count` eligible requests (see the module doc for the
+        order); requests `eligible` refuses stay queued in their place."""
         batch: list[Queued[T]] = []
-        waiting = [level for level in self._levels if level.size]
+        waiting = [level for level in self._levels if any(eligible(q) for q in level)]
         if not waiting:
             return batch
         limit = self._config.streak_limit
         lower_waited = len(waiting) > 1
         if limit and lower_waited and self._streak >= limit:
-            batch.append(waiting[1].pop())  # the starvation rule's turn
+            turn = waiting[1].pop(eligible)  # the starvation rule's turn
+            if turn is not None:
+                batch.append(turn)
         for level in waiting:
-            while level.size and len(batch) < count:
-                batch.append(level.pop())
+            while len(batch) < count and (queued := level.pop(eligible)) is not None:
+                batch.append(queued)
         took_lower = any(q.level != waiting[0].number for q in batch)
         self._streak = self._streak + 1 if lower_waited and not took_lower else 0
         return batch
