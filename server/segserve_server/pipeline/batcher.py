@@ -41,7 +41,7 @@ from segserve_server.errors import (
     SegserveError,
 )
 from segserve_server.model_repository import BatchingConfig
-from segserve_server.pipeline.scheduling import PriorityQueue, Queued
+from segserve_server.pipeline.scheduling import PriorityQueue, Queued, batch_deadline, plan_batch
 
 __all__ = ["Admission", "BatchOutcome", "Batcher", "batch_deadline", "plan_batch"]
 
@@ -90,42 +90,11 @@ class _Pending:
     level: int = 1
 
 
-def plan_batch(queued: int, oldest_wait_s: float, config: BatchingConfig) -> tuple[int, float]:
-    """Decides what to do with `queued` waiting requests, the oldest having waited `oldest_wait_s`.
-
-    Returns (n, 0.0) to run a batch of the n oldest requests now, or (0, wait_s) to wait up to
-    wait_s seconds (or until another request arrives) and decide again. The policy follows
-    Triton's dynamic batcher: without dynamic_batching every request runs alone; with it, a batch
-    runs as soon as it reaches the largest preferred size (or max_batch_size), and otherwise once
-    its oldest request has waited max_queue_delay, with everything that is queued.
-    """
-    if queued <= 0:
-        return 0, math.inf
-    if not config.enabled:
-        return 1, 0.0
-    full = config.max_batch_size
-    target = max(config.preferred_batch_sizes) if config.preferred_batch_sizes else full
-    if queued >= target:
-        return target, 0.0
-    delay_s = config.max_queue_delay_us / 1e6
-    if oldest_wait_s >= delay_s:
-        return min(queued, full), 0.0
-    return 0, delay_s - oldest_wait_s
-
-
 def _stack(tensors: list[np.ndarray]) -> np.ndarray:
     """The batch of `tensors`; a batch of one contiguous tensor is a view, not a copy."""
     if len(tensors) == 1 and tensors[0].flags.c_contiguous:
         return tensors[0][np.newaxis]
     return np.stack(tensors)
-
-
-def batch_deadline(deadlines: list[float | None]) -> float | None:
-    """The time until which somebody waits for a batch: its latest request deadline, or None if
-    any request has none."""
-    if not deadlines or any(d is None for d in deadlines):
-        return None
-    return max(d for d in deadlines if d is not None)
 
 
 def _resolve(future: asyncio.Future[BatchOutcome], outcome: BatchOutcome) -> None:

@@ -1,5 +1,6 @@
-"""Which queued requests form the next batch: Triton's priority levels and queue policies, fair
-turns between the streams of one level, and segserve's rule against starvation.
+"""When a batch runs and which queued requests form it: Triton's dynamic-batcher timing
+(`plan_batch`), its priority levels and queue policies, fair turns between the streams of one
+level, and segserve's rule against starvation.
 
 - Levels: requests wait on their priority level (1 is the highest); a batch takes from the
   highest level that has requests, then the next, until it is full (strict priority, as
@@ -21,15 +22,16 @@ Pure bookkeeping, no clock and no loop: the batcher owns time, futures and the b
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from segserve_server.errors import QueueFull
-from segserve_server.model_repository import PriorityConfig, QueuePolicy
+from segserve_server.model_repository import BatchingConfig, PriorityConfig, QueuePolicy
 
-__all__ = ["PriorityQueue", "Queued"]
+__all__ = ["PriorityQueue", "Queued", "batch_deadline", "plan_batch"]
 
 T = TypeVar("T")
 
@@ -194,3 +196,34 @@ class PriorityQueue(Generic[T]):
         took_lower = any(q.level != waiting[0].number for q in batch)
         self._streak = self._streak + 1 if lower_waited and not took_lower else 0
         return batch
+
+
+def plan_batch(queued: int, oldest_wait_s: float, config: BatchingConfig) -> tuple[int, float]:
+    """Decides what to do with `queued` waiting requests, the oldest having waited `oldest_wait_s`.
+
+    Returns (n, 0.0) to run a batch of the n oldest requests now, or (0, wait_s) to wait up to
+    wait_s seconds (or until another request arrives) and decide again. The policy follows
+    Triton's dynamic batcher: without dynamic_batching every request runs alone; with it, a batch
+    runs as soon as it reaches the largest preferred size (or max_batch_size), and otherwise once
+    its oldest request has waited max_queue_delay, with everything that is queued.
+    """
+    if queued <= 0:
+        return 0, math.inf
+    if not config.enabled:
+        return 1, 0.0
+    full = config.max_batch_size
+    target = max(config.preferred_batch_sizes) if config.preferred_batch_sizes else full
+    if queued >= target:
+        return target, 0.0
+    delay_s = config.max_queue_delay_us / 1e6
+    if oldest_wait_s >= delay_s:
+        return min(queued, full), 0.0
+    return 0, delay_s - oldest_wait_s
+
+
+def batch_deadline(deadlines: list[float | None]) -> float | None:
+    """The time until which somebody waits for a batch: its latest request deadline, or None if
+    any request has none."""
+    if not deadlines or any(d is None for d in deadlines):
+        return None
+    return max(d for d in deadlines if d is not None)
