@@ -157,7 +157,10 @@ def coco_rle(mask: npt.ArrayLike) -> CocoRle:
 
 
 def decode_coco_rle(rle: Mapping[str, Any]) -> npt.NDArray[np.bool_]:
-    """A COCO RLE (compressed string or bytes, or uncompressed list of counts) to a (h, w) mask."""
+    """A COCO RLE (compressed string or bytes, or uncompressed list of counts) to a (h, w) mask.
+
+    The mask is column-major (Fortran order), as `pycocotools.mask.decode` returns it.
+    """
     size = rle["size"]
     height, width = int(size[0]), int(size[1])
     if height < 0 or width < 0:
@@ -173,8 +176,8 @@ def decode_coco_rle(rle: Mapping[str, Any]) -> npt.NDArray[np.bool_]:
     if total != height * width:
         raise ValueError(f"the COCO RLE counts cover {total} pixels, not {height}x{width}")
     values = (np.arange(counts.size) & 1).astype(np.bool_)
-    flat = np.repeat(values, counts)
-    return np.ascontiguousarray(flat.reshape(width, height).T)
+    # Column-major, as pycocotools returns it (np.ascontiguousarray for row-major).
+    return np.repeat(values, counts).reshape(width, height).T
 
 
 def coco_rle_per_class(

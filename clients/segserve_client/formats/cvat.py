@@ -12,11 +12,13 @@ the box, row-major, followed by `[xtl, ytl, xbr, ybr]`; CVAT's lambda manager ru
 it into `points` itself (cvat/apps/lambda_manager/views.py). `cvat_bitmap(mask)` makes that
 field; it is larger on the wire, about two bytes of JSON per pixel of the box.
 
-Connectivity: CVAT does not require a mask shape to be connected (its own CamVid and VOC
-importers keep one mask per class, in pieces). `cvat_masks_per_class` makes one shape per class
+Connectivity: CVAT does not require a mask shape to be connected. Its CamVid import reads a
+label map as one mask per class (datumaro's reader: `mask == label_id`), kept as one mask shape
+each when "convert masks to polygons" is off. `cvat_masks_per_class` makes one shape per class
 by default; with `connectivity=4` or `8` it makes one shape per connected region of each class
 (8 matches the outer contours of `cv2.findContours`, which CVAT's mask-to-polygon conversion
-uses). The regions are found from row runs with numpy alone (`connected_regions`).
+uses, and `polygons`). The regions are found from row runs with numpy alone
+(`connected_regions`).
 """
 
 from __future__ import annotations
@@ -88,7 +90,9 @@ def cvat_mask(mask: npt.ArrayLike) -> list[int]:
     return [*runs, x1, y1, x2 - 1, y2 - 1]
 
 
-def _split_points(points: Sequence[float], height: int, width: int) -> tuple[Any, int, int, int, int]:
+def _split_points(
+    points: Sequence[float], height: int, width: int
+) -> tuple[Any, int, int, int, int]:
     if len(points) < 5:
         raise ValueError("CVAT mask points have at least one run and the four box coordinates")
     if height <= 0 or width <= 0:
@@ -123,7 +127,7 @@ def cvat_bitmap(mask: npt.ArrayLike) -> list[int]:
     """
     array = _as_mask(mask)
     x1, y1, x2, y2 = _box(array)
-    pixels: list[int] = array[y1:y2, x1:x2].reshape(-1).view(np.uint8).tolist()
+    pixels = np.ascontiguousarray(array[y1:y2, x1:x2]).view(np.uint8).tobytes()
     return [*pixels, x1, y1, x2 - 1, y2 - 1]
 
 
