@@ -195,7 +195,7 @@ def build_triton_source_repository(root: Path) -> Path:
         W,
         max_batch_size=8,
         extra=(
-            'instance_group [ { count: 2 kind: KIND_CPU } ] parameters { key: '
+            "instance_group [ { count: 2 kind: KIND_CPU } ] parameters { key: "
             f'"segserve.test_delay_s" value: {{ string_value: "{TRITON_SLOW_S}" }} }}'
         ),
     )
