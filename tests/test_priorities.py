@@ -213,3 +213,21 @@ async def test_a_latest_stream_runs_one_frame_at_a_time_and_the_newest_next():
     await asyncio.gather(first, other, third)
     assert backend.batches == [[1.0], [9.0], [3.0]]
     await batcher.stop()
+
+
+async def test_frames_of_several_streams_share_a_batch():
+    backend = SteppedBackend()
+    batcher = await make(backend, batching(max_batch=4))
+    blocker = submit(batcher, 0)
+    await running(backend)
+    frames = [
+        submit(batcher, v, priority=1, flow=flow, sequence=i)
+        for i, (flow, v) in enumerate([("a", 1), ("a", 2), ("b", 11), ("b", 12)])
+    ]
+    await until(lambda: batcher.queue_depth == 4, "both cameras' frames are queued")
+    backend.steps.release(2)
+    outcomes = await asyncio.gather(*frames)
+    await blocker
+    assert backend.batches == [[0.0], [1.0, 11.0, 2.0, 12.0]]  # one batch, the flows in turn
+    assert all(o.batch_size == 4 for o in outcomes)
+    await batcher.stop()
