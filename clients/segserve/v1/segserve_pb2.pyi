@@ -27,6 +27,14 @@ class OutputSize(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTPUT_SIZE_ORIGINAL: _ClassVar[OutputSize]
     OUTPUT_SIZE_MODEL: _ClassVar[OutputSize]
 
+class AnnotationFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ANNOTATION_FORMAT_UNSPECIFIED: _ClassVar[AnnotationFormat]
+    ANNOTATION_FORMAT_COCO_RLE: _ClassVar[AnnotationFormat]
+    ANNOTATION_FORMAT_CVAT_MASK: _ClassVar[AnnotationFormat]
+    ANNOTATION_FORMAT_LABEL_STUDIO_RLE: _ClassVar[AnnotationFormat]
+    ANNOTATION_FORMAT_POLYGONS: _ClassVar[AnnotationFormat]
+
 class StreamPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     STREAM_POLICY_UNSPECIFIED: _ClassVar[StreamPolicy]
@@ -59,6 +67,11 @@ MASK_ENCODING_RAW: MaskEncoding
 OUTPUT_SIZE_UNSPECIFIED: OutputSize
 OUTPUT_SIZE_ORIGINAL: OutputSize
 OUTPUT_SIZE_MODEL: OutputSize
+ANNOTATION_FORMAT_UNSPECIFIED: AnnotationFormat
+ANNOTATION_FORMAT_COCO_RLE: AnnotationFormat
+ANNOTATION_FORMAT_CVAT_MASK: AnnotationFormat
+ANNOTATION_FORMAT_LABEL_STUDIO_RLE: AnnotationFormat
+ANNOTATION_FORMAT_POLYGONS: AnnotationFormat
 STREAM_POLICY_UNSPECIFIED: StreamPolicy
 STREAM_POLICY_QUEUE: StreamPolicy
 STREAM_POLICY_LATEST: StreamPolicy
@@ -132,7 +145,7 @@ class StageTimings(_message.Message):
     def __init__(self, decode_us: _Optional[int] = ..., preprocess_us: _Optional[int] = ..., queue_us: _Optional[int] = ..., infer_us: _Optional[int] = ..., postprocess_us: _Optional[int] = ..., encode_us: _Optional[int] = ..., total_us: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class SegmentRequest(_message.Message):
-    __slots__ = ("model", "model_version", "image", "encodings", "output_size", "include_pixel_counts", "embed_palette", "priority", "timeout_us")
+    __slots__ = ("model", "model_version", "image", "encodings", "output_size", "include_pixel_counts", "embed_palette", "priority", "timeout_us", "annotations", "polygon_tolerance_px")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +155,8 @@ class SegmentRequest(_message.Message):
     EMBED_PALETTE_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_US_FIELD_NUMBER: _ClassVar[int]
+    ANNOTATIONS_FIELD_NUMBER: _ClassVar[int]
+    POLYGON_TOLERANCE_PX_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: int
     image: Image
@@ -151,10 +166,46 @@ class SegmentRequest(_message.Message):
     embed_palette: bool
     priority: int
     timeout_us: int
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., encodings: _Optional[_Iterable[_Union[MaskEncoding, str]]] = ..., output_size: _Optional[_Union[OutputSize, str]] = ..., include_pixel_counts: _Optional[bool] = ..., embed_palette: _Optional[bool] = ..., priority: _Optional[int] = ..., timeout_us: _Optional[int] = ...) -> None: ...
+    annotations: _containers.RepeatedScalarFieldContainer[AnnotationFormat]
+    polygon_tolerance_px: float
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., encodings: _Optional[_Iterable[_Union[MaskEncoding, str]]] = ..., output_size: _Optional[_Union[OutputSize, str]] = ..., include_pixel_counts: _Optional[bool] = ..., embed_palette: _Optional[bool] = ..., priority: _Optional[int] = ..., timeout_us: _Optional[int] = ..., annotations: _Optional[_Iterable[_Union[AnnotationFormat, str]]] = ..., polygon_tolerance_px: _Optional[float] = ...) -> None: ...
+
+class Ring(_message.Message):
+    __slots__ = ("xy",)
+    XY_FIELD_NUMBER: _ClassVar[int]
+    xy: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, xy: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Region(_message.Message):
+    __slots__ = ("outer", "holes")
+    OUTER_FIELD_NUMBER: _ClassVar[int]
+    HOLES_FIELD_NUMBER: _ClassVar[int]
+    outer: Ring
+    holes: _containers.RepeatedCompositeFieldContainer[Ring]
+    def __init__(self, outer: _Optional[_Union[Ring, _Mapping]] = ..., holes: _Optional[_Iterable[_Union[Ring, _Mapping]]] = ...) -> None: ...
+
+class ClassAnnotation(_message.Message):
+    __slots__ = ("class_id", "name", "area", "bbox", "coco_rle_counts", "cvat_mask", "label_studio_rle", "polygons")
+    CLASS_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    AREA_FIELD_NUMBER: _ClassVar[int]
+    BBOX_FIELD_NUMBER: _ClassVar[int]
+    COCO_RLE_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    CVAT_MASK_FIELD_NUMBER: _ClassVar[int]
+    LABEL_STUDIO_RLE_FIELD_NUMBER: _ClassVar[int]
+    POLYGONS_FIELD_NUMBER: _ClassVar[int]
+    class_id: int
+    name: str
+    area: int
+    bbox: _containers.RepeatedScalarFieldContainer[int]
+    coco_rle_counts: str
+    cvat_mask: _containers.RepeatedScalarFieldContainer[int]
+    label_studio_rle: bytes
+    polygons: _containers.RepeatedCompositeFieldContainer[Region]
+    def __init__(self, class_id: _Optional[int] = ..., name: _Optional[str] = ..., area: _Optional[int] = ..., bbox: _Optional[_Iterable[int]] = ..., coco_rle_counts: _Optional[str] = ..., cvat_mask: _Optional[_Iterable[int]] = ..., label_studio_rle: _Optional[bytes] = ..., polygons: _Optional[_Iterable[_Union[Region, _Mapping]]] = ...) -> None: ...
 
 class SegmentResponse(_message.Message):
-    __slots__ = ("width", "height", "masks", "classes", "model", "model_version", "timings")
+    __slots__ = ("width", "height", "masks", "classes", "model", "model_version", "timings", "annotations")
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     MASKS_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +213,7 @@ class SegmentResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    ANNOTATIONS_FIELD_NUMBER: _ClassVar[int]
     width: int
     height: int
     masks: _containers.RepeatedCompositeFieldContainer[EncodedMask]
@@ -169,7 +221,8 @@ class SegmentResponse(_message.Message):
     model: str
     model_version: int
     timings: StageTimings
-    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., masks: _Optional[_Iterable[_Union[EncodedMask, _Mapping]]] = ..., classes: _Optional[_Iterable[_Union[ClassPresence, _Mapping]]] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ...) -> None: ...
+    annotations: _containers.RepeatedCompositeFieldContainer[ClassAnnotation]
+    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., masks: _Optional[_Iterable[_Union[EncodedMask, _Mapping]]] = ..., classes: _Optional[_Iterable[_Union[ClassPresence, _Mapping]]] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., annotations: _Optional[_Iterable[_Union[ClassAnnotation, _Mapping]]] = ...) -> None: ...
 
 class StreamOptions(_message.Message):
     __slots__ = ("policy", "max_age_ms", "priority")

@@ -33,7 +33,14 @@ from segserve_server.core.realtime import (
     StreamOptions,
     StreamSession,
 )
-from segserve_server.core.requests import Admission, MaskEncoding, SegmentInput, SegmentOutput
+from segserve_server.core.requests import (
+    Admission,
+    AnnotationFormat,
+    ClassAnnotation,
+    MaskEncoding,
+    SegmentInput,
+    SegmentOutput,
+)
 from segserve_server.core.service import SegmentationCore
 from segserve_server.errors import InvalidArgument, ModelNotFound
 from segserve_server.pipeline.decode import ChannelOrder, RawPixels
@@ -66,6 +73,12 @@ _FRAME_STATUSES = {
     FrameStatus.DROPPED: pb.FRAME_STATUS_DROPPED,
     FrameStatus.EXPIRED: pb.FRAME_STATUS_EXPIRED,
     FrameStatus.ERROR: pb.FRAME_STATUS_ERROR,
+}
+_ANNOTATIONS = {
+    pb.ANNOTATION_FORMAT_COCO_RLE: AnnotationFormat.COCO_RLE,
+    pb.ANNOTATION_FORMAT_CVAT_MASK: AnnotationFormat.CVAT_MASK,
+    pb.ANNOTATION_FORMAT_LABEL_STUDIO_RLE: AnnotationFormat.LABEL_STUDIO_RLE,
+    pb.ANNOTATION_FORMAT_POLYGONS: AnnotationFormat.POLYGONS,
 }
 _ENCODINGS_PB = {value: key for key, value in _ENCODINGS.items()}
 _PIXEL_FORMATS: dict[pb.PixelFormat, ChannelOrder] = {
@@ -119,6 +132,33 @@ def to_segment_input(request: pb.SegmentRequest) -> SegmentInput:
         include_pixel_counts=request.include_pixel_counts,
         embed_palette=request.embed_palette,
         admission=Admission(priority=request.priority, timeout_us=request.timeout_us),
+        annotations=tuple(_annotation_format(value) for value in request.annotations),
+        polygon_tolerance_px=request.polygon_tolerance_px,
+    )
+
+
+def _annotation_format(value: pb.AnnotationFormat) -> AnnotationFormat:
+    if value not in _ANNOTATIONS:
+        raise InvalidArgument(
+            f"annotation format {value} is not one of {sorted(_ANNOTATIONS)} "
+            "(COCO_RLE, CVAT_MASK, LABEL_STUDIO_RLE, POLYGONS)"
+        )
+    return _ANNOTATIONS[value]
+
+
+def _annotation(annotation: ClassAnnotation, names: dict[int, str]) -> pb.ClassAnnotation:
+    return pb.ClassAnnotation(
+        class_id=annotation.class_id,
+        name=names.get(annotation.class_id, ""),
+        area=annotation.area,
+        bbox=annotation.bbox,
+        coco_rle_counts=annotation.coco_rle_counts,
+        cvat_mask=annotation.cvat_mask,
+        label_studio_rle=annotation.label_studio_rle,
+        polygons=[
+            pb.Region(outer=pb.Ring(xy=region.outer), holes=[pb.Ring(xy=h) for h in region.holes])
+            for region in annotation.polygons
+        ],
     )
 
 
@@ -175,6 +215,7 @@ def to_stream_response(out: FrameOut) -> pb.SegmentStreamResponse:
 
 def to_segment_response(output: SegmentOutput) -> pb.SegmentResponse:
     t = output.timings
+    names = {c.class_id: c.name for c in output.classes}
     return pb.SegmentResponse(
         width=output.width,
         height=output.height,
@@ -190,6 +231,7 @@ def to_segment_response(output: SegmentOutput) -> pb.SegmentResponse:
             total_us=_us(t.total),
             **{f"{stage}_us": _us(seconds) for stage, seconds in t.stages()},
         ),
+        annotations=[_annotation(a, names) for a in output.annotations],
     )
 
 

@@ -10,12 +10,21 @@ import numpy as np
 from segserve_server.metrics import STAGES
 from segserve_server.pipeline.batcher import Admission
 from segserve_server.pipeline.decode import RawPixels
-from segserve_server.pipeline.encode import DEFAULT_ENCODINGS, MaskEncoding
+from segserve_server.pipeline.encode import (
+    DEFAULT_ENCODINGS,
+    AnnotationFormat,
+    ClassAnnotation,
+    MaskEncoding,
+    Region,
+)
 
 __all__ = [
     "Admission",
+    "AnnotationFormat",
+    "ClassAnnotation",
     "ClassCount",
     "MaskEncoding",
+    "Region",
     "SegmentInput",
     "SegmentOutput",
     "StageTimings",
@@ -36,6 +45,8 @@ class SegmentInput:
     include_pixel_counts: bool = False
     embed_palette: bool = False
     admission: Admission = field(default_factory=Admission)  # priority, queue timeout, ...
+    annotations: tuple[AnnotationFormat, ...] = ()  # the annotation tools' formats wanted
+    polygon_tolerance_px: float = 0.0
 
 
 @dataclass
@@ -72,6 +83,7 @@ class SegmentOutput:
     model: str
     model_version: int
     timings: StageTimings = field(default_factory=StageTimings)
+    annotations: list[ClassAnnotation] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,14 @@ from segserve_server.metrics import Metrics
 from segserve_server.model_repository import ModelConfig
 from segserve_server.pipeline import decode, postprocess
 from segserve_server.pipeline.batcher import BatchOutcome
-from segserve_server.pipeline.encode import MaskEncoding, check_encodings, encode_masks
+from segserve_server.pipeline.encode import (
+    AnnotationFormat,
+    MaskEncoding,
+    check_annotation_formats,
+    check_encodings,
+    encode_annotations,
+    encode_masks,
+)
 from segserve_server.settings import Settings
 
 __all__ = [
@@ -184,6 +191,7 @@ class SegmentationCore:
     async def _segment(self, request: SegmentInput, deadline_s: float | None) -> SegmentOutput:
         started = time.perf_counter()
         encodings = check_encodings(request.encodings)
+        check_annotation_formats(request.annotations, request.polygon_tolerance_px)
         model = self.models.get(request.model, request.version)
         config = model.config
         timings = StageTimings()
@@ -282,6 +290,8 @@ class SegmentationCore:
             include_pixel_counts=request.include_pixel_counts,
             embed_palette=request.embed_palette,
             zlib_level=self.settings.png_compression_level,
+            annotations=request.annotations,
+            polygon_tolerance_px=request.polygon_tolerance_px,
         )
         timings.postprocess, timings.encode = output.timings.postprocess, output.timings.encode
         output.timings = timings
@@ -298,6 +308,8 @@ def finish_output(
     include_pixel_counts: bool = False,
     embed_palette: bool = False,
     zlib_level: int = 1,
+    annotations: tuple[AnnotationFormat, ...] = (),
+    polygon_tolerance_px: float = 0.0,
 ) -> SegmentOutput:
     """One image's model output to its answer: postprocess, then encode.
 
@@ -312,8 +324,9 @@ def finish_output(
     timings = StageTimings(postprocess=watch.lap())
     palette = config.palette if embed_palette else None
     encoded = encode_masks(labels, encodings, palette=palette, zlib_level=zlib_level)
+    tools = encode_annotations(labels, annotations, polygon_tolerance_px=polygon_tolerance_px)
     timings.encode = watch.lap()
-    return SegmentOutput(width, height, encoded, classes, config.name, 0, timings)
+    return SegmentOutput(width, height, encoded, classes, config.name, 0, timings, tools)
 
 
 def loop_deadline(deadline_s: float | None) -> float | None:

@@ -1,4 +1,5 @@
-"""Encode stage: a (H, W) uint8 label map to the mask encodings a request asked for.
+"""Encode stage: a (H, W) uint8 label map to the mask encodings a request asked for, and to
+the annotation tools' per-class formats (COCO RLE, CVAT mask, Label Studio brush, polygons).
 
 The codecs themselves are the client package's (`segserve_client.masks`), so the server writes
 exactly what the client decodes; the client installs with grpcio, protobuf and numpy alone.
@@ -7,14 +8,28 @@ exactly what the client decodes; the client installs with grpcio, protobuf and n
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
+from segserve_client import formats as formats_lib
 from segserve_client import masks
+from segserve_client.formats import polygons as polygon_codec
 from segserve_server.errors import InvalidArgument
 
-__all__ = ["DEFAULT_ENCODINGS", "MaskEncoding", "check_encodings", "encode_masks"]
+__all__ = [
+    "DEFAULT_ENCODINGS",
+    "AnnotationFormat",
+    "ClassAnnotation",
+    "MaskEncoding",
+    "Region",
+    "check_annotation_formats",
+    "check_encodings",
+    "encode_annotations",
+    "encode_masks",
+]
 
 
 class MaskEncoding(enum.Enum):
@@ -53,3 +68,101 @@ def encode_masks(
             data = labels.tobytes()
         encoded.append((encoding, data))
     return encoded
+
+
+class AnnotationFormat(enum.Enum):
+    COCO_RLE = "coco_rle"
+    CVAT_MASK = "cvat_mask"
+    LABEL_STUDIO_RLE = "label_studio_rle"
+    POLYGONS = "polygons"
+
+
+@dataclass(frozen=True)
+class ClassAnnotation:
+    """One class of a label map in the annotation tools' formats (only those asked for set)."""
+
+    class_id: int
+    area: int
+    bbox: tuple[int, int, int, int]  # x, y, width, height
+    coco_rle_counts: str = ""
+    cvat_mask: tuple[int, ...] = ()
+    label_studio_rle: bytes = b""
+    polygons: tuple[Region, ...] = ()
+
+
+@dataclass(frozen=True)
+class Region:
+    outer: tuple[int, ...]  # x0, y0, x1, y1, ...
+    holes: tuple[tuple[int, ...], ...] = ()
+
+
+def check_annotation_formats(
+    formats: tuple[AnnotationFormat, ...], polygon_tolerance_px: float
+) -> tuple[AnnotationFormat, ...]:
+    """The formats, or InvalidArgument on a repeat or a bad polygon tolerance."""
+    if len(set(formats)) != len(formats):
+        raise InvalidArgument(f"annotations {[f.value for f in formats]} repeat a format")
+    if not math.isfinite(polygon_tolerance_px) or polygon_tolerance_px < 0:
+        raise InvalidArgument(
+            f"polygon_tolerance_px {polygon_tolerance_px} is not a number of pixels >= 0"
+        )
+    return formats
+
+
+def _flat(points: list[list[int]]) -> tuple[int, ...]:
+    return tuple(int(v) for point in points for v in point)
+
+
+def encode_annotations(
+    labels: np.ndarray,
+    formats: Sequence[AnnotationFormat],
+    *,
+    polygon_tolerance_px: float = 0.0,
+) -> list[ClassAnnotation]:
+    """One ClassAnnotation per class present in `labels`, by ascending class id, in each
+    format asked for (the codecs of segserve_client.formats, shared with the client)."""
+    if not formats:
+        return []
+    coco = {c["class_id"]: c for c in formats_lib.coco_rle_per_class(labels)}
+    wanted = set(formats)
+    cvat = (
+        {s["class_id"]: s["points"] for s in formats_lib.cvat_masks_per_class(labels)}
+        if AnnotationFormat.CVAT_MASK in wanted
+        else {}
+    )
+    brush = (
+        {m["class_id"]: m["rle"] for m in formats_lib.labelstudio_rle_per_class(labels)}
+        if AnnotationFormat.LABEL_STUDIO_RLE in wanted
+        else {}
+    )
+    polygons = (
+        {
+            c["class_id"]: c["regions"]
+            for c in polygon_codec.polygons_per_class(labels, tolerance_px=polygon_tolerance_px)
+        }
+        if AnnotationFormat.POLYGONS in wanted
+        else {}
+    )
+    annotations = []
+    for class_id, entry in sorted(coco.items()):
+        x, y, w, h = (int(v) for v in entry["bbox"])
+        annotations.append(
+            ClassAnnotation(
+                class_id=class_id,
+                area=int(entry["area"]),
+                bbox=(x, y, w, h),
+                coco_rle_counts=(
+                    str(entry["rle"]["counts"]) if AnnotationFormat.COCO_RLE in wanted else ""
+                ),
+                cvat_mask=tuple(int(v) for v in cvat.get(class_id, ())),
+                label_studio_rle=bytes(brush.get(class_id, ())),
+                polygons=tuple(
+                    Region(
+                        _flat(region["outer"]),
+                        tuple(_flat(hole) for hole in region["holes"]),
+                    )
+                    for region in polygons.get(class_id, ())
+                ),
+            )
+        )
+    return annotations
