@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from segserve.v1 import segserve_pb2 as pb
-from segserve_client.formats.polygons import rasterize
+from segserve_client.formats.polygons import Region, rasterize
 from tests.conftest import encode
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools")
@@ -69,10 +69,10 @@ async def test_every_format_decodes_with_the_tools_own_code(stub):
         rgba = np.asarray(brush.decode_rle(list(annotation.label_studio_rle)), np.uint8)
         np.testing.assert_array_equal(rgba.reshape(height, width, 4)[:, :, 3] == 255, truth)
         regions = [
-            {
-                "outer": np.asarray(r.outer.xy).reshape(-1, 2).tolist(),
-                "holes": [np.asarray(h.xy).reshape(-1, 2).tolist() for h in r.holes],
-            }
+            Region(
+                outer=np.asarray(r.outer.xy).reshape(-1, 2).tolist(),
+                holes=[np.asarray(h.xy).reshape(-1, 2).tolist() for h in r.holes],
+            )
             for r in annotation.polygons
         ]
         np.testing.assert_array_equal(rasterize(regions, height, width), truth)  # tolerance 0
