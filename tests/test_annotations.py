@@ -111,3 +111,29 @@ async def test_bad_annotation_requests_are_invalid_argument(stub, formats, toler
         await segment(stub, formats, tolerance)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert fragment in (err.value.details() or "")
+
+
+async def test_the_client_library_asks_for_and_decodes_annotations(server):
+    from pycocotools import mask as coco
+
+    from segserve_client import AsyncSegserveClient
+
+    async with AsyncSegserveClient(f"127.0.0.1:{server.port}", timeout_s=30) as client:
+        result = await client.segment(
+            street(), "colour", encodings="raw", annotations=("coco_rle", "cvat_mask", "polygons")
+        )
+        with pytest.raises(ValueError, match="annotation format"):
+            await client.segment(street(), "colour", annotations=("shapefile",))
+    labels = result.labels
+    assert [a.class_id for a in result.annotations] == sorted(int(c) for c in np.unique(labels))
+    for annotation in result.annotations:
+        truth = labels == annotation.class_id
+        np.testing.assert_array_equal(annotation.mask(result.height, result.width), truth)
+        rle = annotation.coco_rle(result.height, result.width)
+        np.testing.assert_array_equal(
+            coco.decode({**rle, "counts": rle["counts"].encode()}).astype(bool), truth
+        )
+        np.testing.assert_array_equal(
+            rasterize(annotation.polygons, result.height, result.width), truth
+        )
+        assert annotation.name and annotation.area == int(truth.sum())

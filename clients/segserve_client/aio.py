@@ -77,6 +77,8 @@ class AsyncSegserveClient:
         pixel_format: str = "rgb",
         priority: int = 0,
         timeout_us: int = 0,
+        annotations: Sequence[Choice] = (),
+        polygon_tolerance_px: float = 0.0,
         timeout_s: float | None = None,
     ) -> Segmentation:
         """Segments one image; see SegserveClient.segment."""
@@ -90,6 +92,8 @@ class AsyncSegserveClient:
             pixel_format=pixel_format,
             priority=priority,
             timeout_us=timeout_us,
+            annotations=annotations,
+            polygon_tolerance_px=polygon_tolerance_px,
         )
         request = options.request(image)
         with rpc_errors():

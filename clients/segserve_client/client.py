@@ -77,6 +77,8 @@ class SegserveClient:
         pixel_format: str = "rgb",
         priority: int = 0,
         timeout_us: int = 0,
+        annotations: Sequence[Choice] = (),
+        polygon_tolerance_px: float = 0.0,
         timeout_s: float | None = None,
     ) -> Segmentation:
         """Segments one image (encoded bytes, a file path or a uint8 array, see ImageInput).
@@ -84,7 +86,8 @@ class SegserveClient:
         `pixel_format` ("rgb" or "bgr") tells the channel order of (H, W, 3) arrays. `priority`
         is the request's priority level (1: the highest; 0: the model's default level) and
         `timeout_us` its queue timeout (0: the model's; only shortens it, where the model's
-        queue policy allows overrides).
+        queue policy allows overrides). `annotations` asks for the annotation tools' formats
+        ("coco_rle", "cvat_mask", "label_studio_rle", "polygons"; Segmentation.annotations).
         """
         options = SegmentOptions.create(
             model,
@@ -96,6 +99,8 @@ class SegserveClient:
             pixel_format=pixel_format,
             priority=priority,
             timeout_us=timeout_us,
+            annotations=annotations,
+            polygon_tolerance_px=polygon_tolerance_px,
         )
         request = options.request(image)
         with rpc_errors():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TypeAlias, TypeVar
@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 
 from segserve.v1 import segserve_pb2 as pb
+from segserve_client.annotations import ANNOTATION_FORMATS, ClassAnnotation
 from segserve_client.errors import FrameFailed, status_code
 from segserve_client.masks import MaskDecodeError, decode_png, decode_srle
 from segserve_client.models import BatchingInfo, ClassInfo, ModelInfo, ModelSummary, ReadinessWait
@@ -181,6 +182,8 @@ class SegmentOptions:
     pixel_format: str
     priority: int = 0
     timeout_us: int = 0
+    annotations: tuple[pb.AnnotationFormat, ...] = ()
+    polygon_tolerance_px: float = 0.0
 
     @classmethod
     def create(
@@ -195,6 +198,8 @@ class SegmentOptions:
         pixel_format: str = "rgb",
         priority: int = 0,
         timeout_us: int = 0,
+        annotations: Sequence[Choice] = (),
+        polygon_tolerance_px: float = 0.0,
     ) -> SegmentOptions:
         """Checks and normalises the options; raises ValueError naming the bad one."""
         if not model:
@@ -213,6 +218,13 @@ class SegmentOptions:
         if len(set(numbers)) != len(numbers):
             raise ValueError(f"each encoding may be asked for once, got {list(encodings)}")
         _choice(pixel_format, PIXEL_FORMATS, "pixel format")
+        if isinstance(annotations, str | int):
+            annotations = (annotations,)
+        formats = tuple(_choice(a, ANNOTATION_FORMATS, "annotation format") for a in annotations)
+        if len(set(formats)) != len(formats):
+            raise ValueError(f"each annotation format may be asked for once, got {annotations}")
+        if not polygon_tolerance_px >= 0:
+            raise ValueError(f"a polygon tolerance is >= 0 pixels, got {polygon_tolerance_px}")
         return cls(
             model=model,
             version=version,
@@ -223,6 +235,8 @@ class SegmentOptions:
             pixel_format=pixel_format,
             priority=priority,
             timeout_us=timeout_us,
+            annotations=formats,
+            polygon_tolerance_px=polygon_tolerance_px,
         )
 
     def request(self, image: ImageInput | pb.Image) -> pb.SegmentRequest:
@@ -237,6 +251,8 @@ class SegmentOptions:
             embed_palette=self.embed_palette,
             priority=self.priority,
             timeout_us=self.timeout_us,
+            annotations=self.annotations,
+            polygon_tolerance_px=self.polygon_tolerance_px,
         )
 
 
@@ -390,6 +406,8 @@ class Segmentation(FrameTimes):
     """Encoded masks by encoding name ("srle", "png", "raw"), in request order."""
     frame: FrameTiming | None = None
     """A stream frame's times (status OK); None for a Segment call."""
+    annotations: list[ClassAnnotation] = field(default_factory=list)
+    """Per class present, the annotation tools' formats asked for (SegmentOptions.annotations)."""
 
     @property
     def status(self) -> FrameStatus:
@@ -418,6 +436,7 @@ class Segmentation(FrameTimes):
             timings=StageTimings.from_proto(response.timings),
             masks={encoding_name(m.encoding): m.data for m in response.masks},
             frame=frame,
+            annotations=[ClassAnnotation.from_proto(a) for a in response.annotations],
         )
 
 
