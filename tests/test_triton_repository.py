@@ -131,9 +131,8 @@ async def test_bundled_models_answer_as_in_process(bundled_on_triton):
                 batch = rng.random(shape, dtype=np.float32).astype(config.input_dtype)
             tensor = tg.InferInput(config.input_name, shape, remote_input.datatype)
             tensor.set_data_from_numpy(batch)
-            remote = client.infer(name, [tensor], model_version=str(version)).as_numpy(
-                config.output_name
-            )
+            answer = client.infer(name, [tensor], model_version=str(version))
+            remote = answer.as_numpy(config.output_name)
             backend = await asyncio.to_thread(
                 create_backend, config, Path(entry.versions[version]), settings
             )
@@ -142,7 +141,12 @@ async def test_bundled_models_answer_as_in_process(bundled_on_triton):
                 local = await asyncio.to_thread(backend.infer, batch)
             finally:
                 backend.close()
-            if config.outputs_labels:
+            if config.confidence_output is not None:  # stacked by the backend, labels first
+                np.testing.assert_array_equal(remote, local[:, 0])
+                np.testing.assert_array_equal(
+                    answer.as_numpy(config.confidence_output), local[:, 1]
+                )
+            elif config.outputs_labels:
                 np.testing.assert_array_equal(remote, local)
             else:
                 np.testing.assert_allclose(remote, local, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import grpc
 
 __all__ = [
+    "ConfidenceUnavailable",
     "DeadlineExceeded",
     "FrameDropped",
     "FrameExpired",
@@ -91,6 +92,12 @@ class FrameDropped(SegserveError):
     @property
     def outcome(self) -> str:
         return "DROPPED"
+
+
+class ConfidenceUnavailable(SegserveError):
+    """The request asked for confidence of a model that outputs labels only."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class InferenceFailed(SegserveError):

@@ -183,10 +183,20 @@ class ModelConfig:
     model_filename: str
     description: str
     raw: mc.ModelConfig = field(repr=False, compare=False)
+    confidence_output: str | None = None
+    """A label model's second output, per-pixel confidence (uint8, 255 = certain); None: none.
+    Backends answer it stacked behind the labels: (2, H, W) per image, labels first."""
 
     @property
     def palette(self) -> list[tuple[int, int, int]]:
         return [c.color for c in self.classes]
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The outputs a backend asks the model for: labels or scores, then confidence."""
+        if self.confidence_output is None:
+            return (self.output_name,)
+        return (self.output_name, self.confidence_output)
 
 
 @dataclass
@@ -296,8 +306,11 @@ def parse_config(text: str, model_dir: Path) -> ModelConfig:
         raise ModelConfigError(
             f"a segmentation model has one input (an image), not {len(raw.input)}"
         )
-    if len(raw.output) != 1:
-        raise ModelConfigError(f"segserve serves models with one output, not {len(raw.output)}")
+    if not 1 <= len(raw.output) <= 2:
+        raise ModelConfigError(
+            f"segserve serves models with one output (labels or scores) and optionally a "
+            f"confidence output, not {len(raw.output)} outputs"
+        )
     model_input, model_output = raw.input[0], raw.output[0]
 
     input_dtype = _NUMPY_DTYPES.get(model_input.data_type)
@@ -337,6 +350,7 @@ def parse_config(text: str, model_dir: Path) -> ModelConfig:
             f"output dims {out_dims} do not end with the input's {height},{width}"
         )
 
+    confidence_output = _confidence_output(raw, outputs_labels, out_dims)
     names = _class_names(model_output.label_filename, model_dir)
     if not outputs_labels:
         if names and len(names) != out_dims[0]:
@@ -371,6 +385,7 @@ def parse_config(text: str, model_dir: Path) -> ModelConfig:
         output_name=model_output.name,
         output_dtype=output_dtype,
         outputs_labels=outputs_labels,
+        confidence_output=confidence_output,
         classes=tuple(
             ModelClass(i, n, c) for i, (n, c) in enumerate(zip(names, colors, strict=True))
         ),
@@ -394,6 +409,32 @@ def _class_names(label_filename: str, model_dir: Path) -> list[str]:
     if not path.is_file():
         raise ModelConfigError(f"label_filename {label_filename!r} is missing from {model_dir}")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _confidence_output(
+    raw: mc.ModelConfig, outputs_labels: bool, label_dims: list[int]
+) -> str | None:
+    """The name of a label model's second output: per-pixel confidence, uint8 0-255 (the
+    softmax maximum × 255, as tools/add_confidence.py adds it), the labels' dims."""
+    if len(raw.output) == 1:
+        return None
+    second = raw.output[1]
+    dims = _strip_batch_dim(list(second.dims), raw.max_batch_size, "confidence output")
+    if not outputs_labels:
+        raise ModelConfigError(
+            "a second output is a confidence map beside labels; a scores model has its own"
+        )
+    if raw.output[0].data_type != mc.TYPE_UINT8:
+        raise ModelConfigError(
+            "a model with a confidence output gives its labels as TYPE_UINT8 (both are stacked)"
+        )
+    if second.data_type != mc.TYPE_UINT8 or dims != label_dims:
+        raise ModelConfigError(
+            f"second output {second.name!r} must be the confidence map: TYPE_UINT8 with the "
+            f"labels' dims {label_dims} (has {mc.DataType.Name(second.data_type)} {dims})"
+        )
+    name: str = second.name
+    return name
 
 
 def _batching(raw: mc.ModelConfig) -> BatchingConfig:

@@ -145,7 +145,7 @@ class StageTimings(_message.Message):
     def __init__(self, decode_us: _Optional[int] = ..., preprocess_us: _Optional[int] = ..., queue_us: _Optional[int] = ..., infer_us: _Optional[int] = ..., postprocess_us: _Optional[int] = ..., encode_us: _Optional[int] = ..., total_us: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class SegmentRequest(_message.Message):
-    __slots__ = ("model", "model_version", "image", "encodings", "output_size", "include_pixel_counts", "embed_palette", "priority", "timeout_us", "annotations", "polygon_tolerance_px")
+    __slots__ = ("model", "model_version", "image", "encodings", "output_size", "include_pixel_counts", "embed_palette", "priority", "timeout_us", "annotations", "polygon_tolerance_px", "include_confidence", "confidence_threshold")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +157,8 @@ class SegmentRequest(_message.Message):
     TIMEOUT_US_FIELD_NUMBER: _ClassVar[int]
     ANNOTATIONS_FIELD_NUMBER: _ClassVar[int]
     POLYGON_TOLERANCE_PX_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: int
     image: Image
@@ -168,7 +170,29 @@ class SegmentRequest(_message.Message):
     timeout_us: int
     annotations: _containers.RepeatedScalarFieldContainer[AnnotationFormat]
     polygon_tolerance_px: float
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., encodings: _Optional[_Iterable[_Union[MaskEncoding, str]]] = ..., output_size: _Optional[_Union[OutputSize, str]] = ..., include_pixel_counts: _Optional[bool] = ..., embed_palette: _Optional[bool] = ..., priority: _Optional[int] = ..., timeout_us: _Optional[int] = ..., annotations: _Optional[_Iterable[_Union[AnnotationFormat, str]]] = ..., polygon_tolerance_px: _Optional[float] = ...) -> None: ...
+    include_confidence: bool
+    confidence_threshold: float
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., encodings: _Optional[_Iterable[_Union[MaskEncoding, str]]] = ..., output_size: _Optional[_Union[OutputSize, str]] = ..., include_pixel_counts: _Optional[bool] = ..., embed_palette: _Optional[bool] = ..., priority: _Optional[int] = ..., timeout_us: _Optional[int] = ..., annotations: _Optional[_Iterable[_Union[AnnotationFormat, str]]] = ..., polygon_tolerance_px: _Optional[float] = ..., include_confidence: _Optional[bool] = ..., confidence_threshold: _Optional[float] = ...) -> None: ...
+
+class ImageScores(_message.Message):
+    __slots__ = ("uncertainty", "mean_confidence", "boundary_length", "regions")
+    UNCERTAINTY_FIELD_NUMBER: _ClassVar[int]
+    MEAN_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    BOUNDARY_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    uncertainty: float
+    mean_confidence: float
+    boundary_length: int
+    regions: int
+    def __init__(self, uncertainty: _Optional[float] = ..., mean_confidence: _Optional[float] = ..., boundary_length: _Optional[int] = ..., regions: _Optional[int] = ...) -> None: ...
+
+class ClassConfidence(_message.Message):
+    __slots__ = ("class_id", "mean")
+    CLASS_ID_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    class_id: int
+    mean: float
+    def __init__(self, class_id: _Optional[int] = ..., mean: _Optional[float] = ...) -> None: ...
 
 class Ring(_message.Message):
     __slots__ = ("xy",)
@@ -205,7 +229,7 @@ class ClassAnnotation(_message.Message):
     def __init__(self, class_id: _Optional[int] = ..., name: _Optional[str] = ..., area: _Optional[int] = ..., bbox: _Optional[_Iterable[int]] = ..., coco_rle_counts: _Optional[str] = ..., cvat_mask: _Optional[_Iterable[int]] = ..., label_studio_rle: _Optional[bytes] = ..., polygons: _Optional[_Iterable[_Union[Region, _Mapping]]] = ...) -> None: ...
 
 class SegmentResponse(_message.Message):
-    __slots__ = ("width", "height", "masks", "classes", "model", "model_version", "timings", "annotations")
+    __slots__ = ("width", "height", "masks", "classes", "model", "model_version", "timings", "annotations", "confidence", "class_confidence", "scores")
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     MASKS_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +238,9 @@ class SegmentResponse(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     ANNOTATIONS_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    CLASS_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
     width: int
     height: int
     masks: _containers.RepeatedCompositeFieldContainer[EncodedMask]
@@ -222,7 +249,10 @@ class SegmentResponse(_message.Message):
     model_version: int
     timings: StageTimings
     annotations: _containers.RepeatedCompositeFieldContainer[ClassAnnotation]
-    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., masks: _Optional[_Iterable[_Union[EncodedMask, _Mapping]]] = ..., classes: _Optional[_Iterable[_Union[ClassPresence, _Mapping]]] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., annotations: _Optional[_Iterable[_Union[ClassAnnotation, _Mapping]]] = ...) -> None: ...
+    confidence: EncodedMask
+    class_confidence: _containers.RepeatedCompositeFieldContainer[ClassConfidence]
+    scores: ImageScores
+    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., masks: _Optional[_Iterable[_Union[EncodedMask, _Mapping]]] = ..., classes: _Optional[_Iterable[_Union[ClassPresence, _Mapping]]] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., annotations: _Optional[_Iterable[_Union[ClassAnnotation, _Mapping]]] = ..., confidence: _Optional[_Union[EncodedMask, _Mapping]] = ..., class_confidence: _Optional[_Iterable[_Union[ClassConfidence, _Mapping]]] = ..., scores: _Optional[_Union[ImageScores, _Mapping]] = ...) -> None: ...
 
 class StreamOptions(_message.Message):
     __slots__ = ("policy", "max_age_ms", "priority")
@@ -351,7 +381,7 @@ class BatchingInfo(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., max_queue_delay_us: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., priority_levels: _Optional[int] = ..., default_priority_level: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "state", "reason", "platform", "backend", "input_width", "input_height", "classes", "batching", "outputs_labels", "description")
+    __slots__ = ("name", "version", "state", "reason", "platform", "backend", "input_width", "input_height", "classes", "batching", "outputs_labels", "description", "has_confidence")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -364,6 +394,7 @@ class ModelInfo(_message.Message):
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_LABELS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    HAS_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     state: ModelState
@@ -376,4 +407,5 @@ class ModelInfo(_message.Message):
     batching: BatchingInfo
     outputs_labels: bool
     description: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., reason: _Optional[str] = ..., platform: _Optional[str] = ..., backend: _Optional[str] = ..., input_width: _Optional[int] = ..., input_height: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[ClassInfo, _Mapping]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., outputs_labels: _Optional[bool] = ..., description: _Optional[str] = ...) -> None: ...
+    has_confidence: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., reason: _Optional[str] = ..., platform: _Optional[str] = ..., backend: _Optional[str] = ..., input_width: _Optional[int] = ..., input_height: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[ClassInfo, _Mapping]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., outputs_labels: _Optional[bool] = ..., description: _Optional[str] = ..., has_confidence: _Optional[bool] = ...) -> None: ...

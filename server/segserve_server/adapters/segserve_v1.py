@@ -44,6 +44,7 @@ from segserve_server.core.requests import (
 from segserve_server.core.service import SegmentationCore
 from segserve_server.errors import InvalidArgument, ModelNotFound
 from segserve_server.pipeline.decode import ChannelOrder, RawPixels
+from segserve_server.pipeline.postprocess import has_confidence
 
 __all__ = [
     "SegmentationServicer",
@@ -134,6 +135,8 @@ def to_segment_input(request: pb.SegmentRequest) -> SegmentInput:
         admission=Admission(priority=request.priority, timeout_us=request.timeout_us),
         annotations=tuple(_annotation_format(value) for value in request.annotations),
         polygon_tolerance_px=request.polygon_tolerance_px,
+        include_confidence=request.include_confidence,
+        confidence_threshold=request.confidence_threshold or 0.5,
     )
 
 
@@ -216,7 +219,7 @@ def to_stream_response(out: FrameOut) -> pb.SegmentStreamResponse:
 def to_segment_response(output: SegmentOutput) -> pb.SegmentResponse:
     t = output.timings
     names = {c.class_id: c.name for c in output.classes}
-    return pb.SegmentResponse(
+    response = pb.SegmentResponse(
         width=output.width,
         height=output.height,
         masks=[pb.EncodedMask(encoding=_ENCODINGS_PB[e], data=d) for e, d in output.masks],
@@ -233,6 +236,23 @@ def to_segment_response(output: SegmentOutput) -> pb.SegmentResponse:
         ),
         annotations=[_annotation(a, names) for a in output.annotations],
     )
+    if output.confidence_png is not None and output.scores is not None:
+        scores = output.scores
+        response.confidence.CopyFrom(
+            pb.EncodedMask(encoding=pb.MASK_ENCODING_PNG, data=output.confidence_png)
+        )
+        response.class_confidence.extend(
+            pb.ClassConfidence(class_id=c, mean=m) for c, m in scores.class_confidence
+        )
+        response.scores.CopyFrom(
+            pb.ImageScores(
+                uncertainty=scores.uncertainty,
+                mean_confidence=scores.mean_confidence,
+                boundary_length=scores.boundary_length,
+                regions=scores.regions,
+            )
+        )
+    return response
 
 
 def _us(seconds: float) -> int:
@@ -266,6 +286,7 @@ def model_info(model: Model, version: ModelVersion | None) -> pb.ModelInfo:
     info.platform = config.platform
     info.input_width, info.input_height = config.input_width, config.input_height
     info.outputs_labels = config.outputs_labels
+    info.has_confidence = has_confidence(config)
     info.description = config.description
     info.classes.extend(
         pb.ClassInfo(id=c.id, name=c.name, red=c.color[0], green=c.color[1], blue=c.color[2])

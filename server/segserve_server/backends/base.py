@@ -16,7 +16,15 @@ import abc
 
 import numpy as np
 
-__all__ = ["AsyncBackend", "Backend", "BackendInfo", "SyncBackend"]
+__all__ = ["AsyncBackend", "Backend", "BackendInfo", "SyncBackend", "stack_outputs"]
+
+
+def stack_outputs(outputs: list[np.ndarray]) -> np.ndarray:
+    """A batch's outputs as backends answer them: the one output as it is; labels and
+    confidence (both uint8 (N, H, W)) stacked as (N, 2, H, W), labels first."""
+    if len(outputs) == 1:
+        return np.asarray(outputs[0])
+    return np.stack([np.asarray(o) for o in outputs], axis=1)
 
 
 class BackendInfo(abc.ABC):

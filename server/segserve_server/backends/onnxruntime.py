@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from segserve_server.backends.base import SyncBackend
+from segserve_server.backends.base import SyncBackend, stack_outputs
 from segserve_server.cpus import available_cpus
 from segserve_server.errors import ModelConfigError
 from segserve_server.model_repository import ModelConfig
@@ -79,7 +79,7 @@ class OnnxRuntimeBackend(SyncBackend):
         self._running_lock = threading.Lock()
         self._check_signature(session, config)
         self._input_name = config.input_name
-        self._output_name = config.output_name
+        self._output_names = list(config.output_names)
         self._provider: str = session.get_providers()[0]
         self._warm_up(config)
 
@@ -118,7 +118,7 @@ class OnnxRuntimeBackend(SyncBackend):
             for session in (self._session, self._wide_session):
                 if session is not None:
                     session.run(
-                        [self._output_name],
+                        self._output_names,
                         {self._input_name: np.zeros(shape, dtype=config.input_dtype)},
                     )
         except Exception as exc:  # a model that cannot run a zero batch cannot serve
@@ -132,10 +132,11 @@ class OnnxRuntimeBackend(SyncBackend):
             raise ModelConfigError(
                 f"config input {config.input_name!r} is not in the ONNX model (has {list(inputs)})"
             )
-        if config.output_name not in outputs:
-            raise ModelConfigError(
-                f"config output {config.output_name!r} is not in the ONNX model (has {list(outputs)})"
-            )
+        for name in config.output_names:
+            if name not in outputs:
+                raise ModelConfigError(
+                    f"config output {name!r} is not in the ONNX model (has {list(outputs)})"
+                )
         shape = inputs[config.input_name].shape
         expected = (
             [3, config.input_height, config.input_width]
@@ -171,8 +172,8 @@ class OnnxRuntimeBackend(SyncBackend):
             session = self._wide_session if alone and self._wide_session else self._session
             if session is None:
                 raise RuntimeError(f"{self.description} backend is closed")
-            (output,) = session.run([self._output_name], {self._input_name: batch})
+            outputs = session.run(self._output_names, {self._input_name: batch})
         finally:
             with self._running_lock:
                 self._running -= 1
-        return np.asarray(output)
+        return stack_outputs(outputs)

@@ -17,6 +17,7 @@ from segserve_server.pipeline.encode import (
     MaskEncoding,
     Region,
 )
+from segserve_server.pipeline.postprocess import Scores
 
 __all__ = [
     "Admission",
@@ -25,6 +26,7 @@ __all__ = [
     "ClassCount",
     "MaskEncoding",
     "Region",
+    "Scores",
     "SegmentInput",
     "SegmentOutput",
     "StageTimings",
@@ -47,6 +49,8 @@ class SegmentInput:
     admission: Admission = field(default_factory=Admission)  # priority, queue timeout, ...
     annotations: tuple[AnnotationFormat, ...] = ()  # the annotation tools' formats wanted
     polygon_tolerance_px: float = 0.0
+    include_confidence: bool = False  # confidence map, per-class means, review scores
+    confidence_threshold: float = 0.5
 
 
 @dataclass
@@ -84,6 +88,8 @@ class SegmentOutput:
     model_version: int
     timings: StageTimings = field(default_factory=StageTimings)
     annotations: list[ClassAnnotation] = field(default_factory=list)
+    confidence_png: bytes | None = None  # include_confidence: the map, 8-bit grey PNG
+    scores: Scores | None = None
 
 
 @dataclass(frozen=True)

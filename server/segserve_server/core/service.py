@@ -22,6 +22,7 @@ from typing import TypeVar
 import cv2
 import numpy as np
 
+from segserve_client import masks
 from segserve_server.core.models import ModelManager, ReadyVersion
 from segserve_server.core.requests import (
     Admission,
@@ -33,6 +34,7 @@ from segserve_server.core.requests import (
     TensorOutput,
 )
 from segserve_server.errors import (
+    ConfidenceUnavailable,
     DeadlineExceeded,
     FrameDropped,
     InferenceFailed,
@@ -194,6 +196,8 @@ class SegmentationCore:
         check_annotation_formats(request.annotations, request.polygon_tolerance_px)
         model = self.models.get(request.model, request.version)
         config = model.config
+        if request.include_confidence:
+            _check_confidence(config, request.confidence_threshold)
         timings = StageTimings()
         tensor, width, height = await self._in_pool(
             self._prepare, request.image, model, timings, request.admission
@@ -292,6 +296,9 @@ class SegmentationCore:
             zlib_level=self.settings.png_compression_level,
             annotations=request.annotations,
             polygon_tolerance_px=request.polygon_tolerance_px,
+            confidence_threshold=(
+                request.confidence_threshold if request.include_confidence else None
+            ),
         )
         timings.postprocess, timings.encode = output.timings.postprocess, output.timings.encode
         output.timings = timings
@@ -310,23 +317,52 @@ def finish_output(
     zlib_level: int = 1,
     annotations: tuple[AnnotationFormat, ...] = (),
     polygon_tolerance_px: float = 0.0,
+    confidence_threshold: float | None = None,
 ) -> SegmentOutput:
-    """One image's model output to its answer: postprocess, then encode.
+    """One image's model output to its answer: postprocess, then encode. With a
+    confidence_threshold, also the confidence map and the review scores.
 
     Sets the postprocess and encode seconds of the returned timings.
     """
     watch = _Stopwatch()
-    labels, present = postprocess.postprocess(
-        model_output, config, width, height, count_pixels=include_pixel_counts
+    done = postprocess.postprocess(
+        model_output,
+        config,
+        width,
+        height,
+        count_pixels=include_pixel_counts,
+        confidence=confidence_threshold is not None,
     )
     names = [c.name for c in config.classes]
-    classes = [ClassCount(class_id, names[class_id], count) for class_id, count in present]
+    classes = [ClassCount(class_id, names[class_id], count) for class_id, count in done.present]
+    scores = None
+    if confidence_threshold is not None and done.model_confidence is not None:
+        scores = postprocess.review_scores(
+            done.model_labels, done.model_confidence, confidence_threshold
+        )
     timings = StageTimings(postprocess=watch.lap())
     palette = config.palette if embed_palette else None
-    encoded = encode_masks(labels, encodings, palette=palette, zlib_level=zlib_level)
-    tools = encode_annotations(labels, annotations, polygon_tolerance_px=polygon_tolerance_px)
+    encoded = encode_masks(done.labels, encodings, palette=palette, zlib_level=zlib_level)
+    tools = encode_annotations(done.labels, annotations, polygon_tolerance_px=polygon_tolerance_px)
+    confidence_png = (
+        masks.encode_png(done.confidence, zlib_level=zlib_level)
+        if done.confidence is not None
+        else None
+    )
     timings.encode = watch.lap()
-    return SegmentOutput(width, height, encoded, classes, config.name, 0, timings, tools)
+    return SegmentOutput(
+        width, height, encoded, classes, config.name, 0, timings, tools, confidence_png, scores
+    )
+
+
+def _check_confidence(config: ModelConfig, threshold: float) -> None:
+    if not postprocess.has_confidence(config):
+        raise ConfidenceUnavailable(
+            f"confidence unavailable: model {config.name!r} outputs labels only (add a "
+            "confidence output with tools/add_confidence.py, or serve its scores)"
+        )
+    if not 0.0 <= threshold <= 1.0:
+        raise InvalidArgument(f"confidence_threshold {threshold} is not a probability in 0..1")
 
 
 def loop_deadline(deadline_s: float | None) -> float | None:

@@ -252,13 +252,9 @@ class TensorAPI:
                 TensorSpec(SHAPE_OUTPUT, "INT32", (-1, 2)),
                 TensorSpec(COUNTS_OUTPUT, "INT64", (-1, len(config.classes))),
             ]
-        model_output = config.raw.output[0]
         return [
-            TensorSpec(
-                model_output.name,
-                datatype_of(model_output.data_type),
-                _dims(config, model_output.dims),
-            )
+            TensorSpec(output.name, datatype_of(output.data_type), _dims(config, output.dims))
+            for output in config.raw.output
         ]
 
     def platform(self, route: Route) -> str:
@@ -381,7 +377,15 @@ class TensorAPI:
         stats.inference_count += count
         stats.queue.add(output.timings.queue)
         stats.compute_infer.add(output.timings.infer)
-        return {wanted[0]: output.output} if wanted else {}
+        stacked = output.output
+        if config.confidence_output is None:
+            produced = {config.output_name: stacked}
+        else:  # labels and confidence come stacked from the backend: (N, 2, H, W)
+            produced = {
+                config.output_name: stacked[:, 0],
+                config.confidence_output: stacked[:, 1].astype(np.uint8, copy=False),
+            }
+        return {name: np.ascontiguousarray(produced[name]) for name in wanted}
 
     async def _infer_images(
         self,

@@ -30,7 +30,7 @@ import tritonclient.grpc as triton_grpc
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from segserve_server.backends.base import AsyncBackend
+from segserve_server.backends.base import AsyncBackend, stack_outputs
 from segserve_server.backends.triton.pool import EndpointPool
 from segserve_server.errors import InferenceFailed, ModelConfigError, SegserveError
 from segserve_server.model_repository import ModelConfig
@@ -141,6 +141,11 @@ class TritonBackend(AsyncBackend):
         wanted_output = (output_datatype, batch + list(config.raw.output[0].dims))
         self._check_tensor("input", config.input_name, wanted_input, metadata.inputs)
         self._check_tensor("output", config.output_name, wanted_output, metadata.outputs)
+        if config.confidence_output is not None:
+            wanted_confidence = ("UINT8", batch + list(config.raw.output[1].dims))
+            self._check_tensor(
+                "output", config.confidence_output, wanted_confidence, metadata.outputs
+            )
 
     def _check_tensor(
         self,
@@ -184,16 +189,19 @@ class TritonBackend(AsyncBackend):
             self.pool.model,
             [model_input],
             model_version=self.pool.version,
-            outputs=[triton_grpc.InferRequestedOutput(self._config.output_name)],
+            outputs=[triton_grpc.InferRequestedOutput(n) for n in self._config.output_names],
             client_timeout=timeout_s,
         )
-        try:
-            output: np.ndarray | None = result.as_numpy(self._config.output_name)
-        except InferenceServerException as exc:
-            raise InferenceFailed(f"Triton answered an unreadable output: {exc}") from exc
-        if output is None:
-            raise InferenceFailed(f"Triton's answer lacks output {self._config.output_name!r}")
-        return output
+        outputs = []
+        for name in self._config.output_names:
+            try:
+                output: np.ndarray | None = result.as_numpy(name)
+            except InferenceServerException as exc:
+                raise InferenceFailed(f"Triton answered an unreadable output: {exc}") from exc
+            if output is None:
+                raise InferenceFailed(f"Triton's answer lacks output {name!r}")
+            outputs.append(output)
+        return stack_outputs(outputs)
 
     async def aclose(self) -> None:
         await self.pool.close()
