@@ -27,9 +27,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from segserve_client import bench, play
+from segserve_client import bench, diff, play, prefill
 from segserve_client.client import SegserveClient
 from segserve_client.errors import SegserveError
+from segserve_client.integrations import cvat as cvat_function
+from segserve_client.integrations import labelstudio
 from segserve_client.masks import encode_png
 from segserve_client.overlay import color_table, load_image_rgb, overlay, save_image_rgb
 from segserve_client.types import ENCODINGS, OUTPUT_SIZES, ModelInfo, Segmentation
@@ -289,6 +291,18 @@ COMMANDS: dict[str, Command] = {
     "model": Command("describe one model", _add_model_arguments, _run_model),
     "bench": Command("measure throughput and latency", bench.add_arguments, bench.run),
     "stream": Command("play a video or images as real-time streams", play.add_arguments, play.run),
+    "prefill": Command(
+        "segment a folder into one labelling-tool import file", prefill.add_arguments, prefill.run
+    ),
+    "diff": Command("compare masks: IoU, boundary F, changes", diff.add_arguments, diff.run),
+    "labelstudio-backend": Command(
+        "serve a Label Studio ML backend", labelstudio.add_arguments, labelstudio.run
+    ),
+    "cvat-function": Command(
+        "serve a CVAT serverless detector, or write its function.yaml",
+        cvat_function.add_arguments,
+        cvat_function.run,
+    ),
 }
 
 
