@@ -196,12 +196,15 @@ def test_entry_parses(exported: Path):
     assert (exported / "tiny" / "labels.txt").read_text().split() == list(CLASSES)
     text = (exported / "tiny" / "config.pbtxt").read_text()
     assert "label_filename" in text and "KIND_CPU" in text and "FORMAT_NCHW" in text
+    assert config.confidence_output == "confidence"
 
 
 def test_onnx_has_dynamic_batch_and_uint8_labels(exported: Path):
     graph = onnx.load(str(exported / "tiny" / "1" / "model.onnx")).graph
     (image,) = graph.input
-    (labels,) = graph.output
+    labels, confidence = graph.output  # every export carries the confidence output
+    assert (labels.name, confidence.name) == ("labels", "confidence")
+    assert confidence.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     in_dims = image.type.tensor_type.shape.dim
     assert in_dims[0].dim_param and not in_dims[0].dim_value
     assert [d.dim_value for d in in_dims[1:]] == [3, H, W]

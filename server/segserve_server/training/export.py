@@ -127,6 +127,16 @@ def _install(stage: Path, target: Path, version: int) -> None:
     os.replace(stage / CONFIG_FILE, target / CONFIG_FILE)
 
 
+def _add_confidence_output(path: Path) -> None:
+    """The second output every exported model carries: per-pixel confidence next to the argmax
+    (training.confidence), for review routing; labels stay as exported."""
+    import onnx
+
+    from segserve_server.training.confidence import add_confidence
+
+    onnx.save(add_confidence(onnx.load(str(path))), str(path))
+
+
 def export_entry(
     spec: ModelSpec,
     repository: str | os.PathLike[str],
@@ -182,6 +192,7 @@ def export_entry(
         onnx_path = stage / str(version) / MODEL_FILE
         metadata = {**spec.metadata, "description": spec.description}
         export_onnx(spec.model, onnx_path, spec.height, spec.width, opset, metadata)
+        _add_confidence_output(onnx_path)
         check_onnx_signature(onnx_path, spec.height, spec.width)
         agreement: float | None = None
         if files:

@@ -96,6 +96,9 @@ def config_text(name: str, spec: ModelSpec, batching: BatchingOptions) -> str:
         dims=[spec.height, spec.width],
         label_filename=LABELS_FILE,
     )
+    # Per-pixel confidence (uint8, 255 x the top class probability), added to the graph beside
+    # the argmax by training.confidence: for review routing (SegmentRequest.include_confidence).
+    raw.output.add(name="confidence", data_type=mc.TYPE_UINT8, dims=[spec.height, spec.width])
     dyn = raw.dynamic_batching
     dyn.SetInParent()
     dyn.preferred_batch_size.extend(sorted(set(batching.preferred_batch_sizes)))
