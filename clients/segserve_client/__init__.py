@@ -13,6 +13,7 @@ answer is a Segmentation, a FrameFailed, or a FrameDropped / FrameExpired (Frame
 
 from segserve_client.aio import AsyncSegserveClient
 from segserve_client.client import SegserveClient
+from segserve_client.confidence import ImageScores
 from segserve_client.errors import FrameFailed, SegserveError
 from segserve_client.streaming import (
     FrameDropped,
@@ -41,6 +42,7 @@ __all__ = [
     "FrameSkipped",
     "FrameStatus",
     "FrameTiming",
+    "ImageScores",
     "ModelInfo",
     "ModelSummary",
     "Segmentation",

@@ -79,6 +79,8 @@ class AsyncSegserveClient:
         timeout_us: int = 0,
         annotations: Sequence[Choice] = (),
         polygon_tolerance_px: float = 0.0,
+        include_confidence: bool = False,
+        confidence_threshold: float = 0.5,
         timeout_s: float | None = None,
     ) -> Segmentation:
         """Segments one image; see SegserveClient.segment."""
@@ -94,6 +96,8 @@ class AsyncSegserveClient:
             timeout_us=timeout_us,
             annotations=annotations,
             polygon_tolerance_px=polygon_tolerance_px,
+            include_confidence=include_confidence,
+            confidence_threshold=confidence_threshold,
         )
         request = options.request(image)
         with rpc_errors():
@@ -116,6 +120,8 @@ class AsyncSegserveClient:
         policy: Choice = "queue",
         max_age_ms: int | None = None,
         priority: int = 0,
+        include_confidence: bool = False,
+        confidence_threshold: float = 0.5,
     ) -> AsyncIterator[StreamResult]:
         """Segments a sync or async iterable of (frame_id, image) over one SegmentStream.
 
@@ -132,6 +138,8 @@ class AsyncSegserveClient:
             include_pixel_counts=include_pixel_counts,
             embed_palette=embed_palette,
             pixel_format=pixel_format,
+            include_confidence=include_confidence,
+            confidence_threshold=confidence_threshold,
         )
         stream = StreamOptions.create(policy, max_age_ms, priority)
         return self._stream(RequestFeed(frames, options, stream), raise_errors, timeout_s)

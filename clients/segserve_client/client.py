@@ -79,6 +79,8 @@ class SegserveClient:
         timeout_us: int = 0,
         annotations: Sequence[Choice] = (),
         polygon_tolerance_px: float = 0.0,
+        include_confidence: bool = False,
+        confidence_threshold: float = 0.5,
         timeout_s: float | None = None,
     ) -> Segmentation:
         """Segments one image (encoded bytes, a file path or a uint8 array, see ImageInput).
@@ -88,6 +90,12 @@ class SegserveClient:
         `timeout_us` its queue timeout (0: the model's; only shortens it, where the model's
         queue policy allows overrides). `annotations` asks for the annotation tools' formats
         ("coco_rle", "cvat_mask", "label_studio_rle", "polygons"; Segmentation.annotations).
+
+        `include_confidence` asks for the confidence map, the mean confidence per class and the
+        image's scores (Segmentation.confidence, .class_confidence, .scores); a pixel below
+        `confidence_threshold` (0..1) counts as uncertain in scores.uncertainty. Only models with
+        ModelInfo.has_confidence have it: for the others the call raises SegserveError
+        FAILED_PRECONDITION ("confidence unavailable").
         """
         options = SegmentOptions.create(
             model,
@@ -101,6 +109,8 @@ class SegserveClient:
             timeout_us=timeout_us,
             annotations=annotations,
             polygon_tolerance_px=polygon_tolerance_px,
+            include_confidence=include_confidence,
+            confidence_threshold=confidence_threshold,
         )
         request = options.request(image)
         with rpc_errors():
@@ -123,6 +133,8 @@ class SegserveClient:
         policy: Choice = "queue",
         max_age_ms: int | None = None,
         priority: int = 0,
+        include_confidence: bool = False,
+        confidence_threshold: float = 0.5,
     ) -> Iterator[StreamResult]:
         """Segments frames over one SegmentStream; yields (frame_id, result) per frame.
 
@@ -141,7 +153,8 @@ class SegserveClient:
         turn) or "latest" (a frame not started when a newer one is queued is DROPPED),
         `max_age_ms` (a frame older than this since the server read it when its batch forms is
         EXPIRED; None: no max age) and `priority` (the frames' level; 0: the server's stream
-        level, 1, the highest).
+        level, 1, the highest). `include_confidence` and `confidence_threshold` are segment's, for
+        every frame (a labels-only model then answers each frame FAILED_PRECONDITION).
         """
         options = SegmentOptions.create(
             model,
@@ -151,6 +164,8 @@ class SegserveClient:
             include_pixel_counts=include_pixel_counts,
             embed_palette=embed_palette,
             pixel_format=pixel_format,
+            include_confidence=include_confidence,
+            confidence_threshold=confidence_threshold,
         )
         stream = StreamOptions.create(policy, max_age_ms, priority)
         feed = RequestFeed(frames, options, stream)

@@ -9,12 +9,18 @@ Written by `segserve-client prefill`, read by `segserve-client diff`:
   which COCOeval should match as an ordinary instance (with `iscrowd` 1 it would be an "ignore"
   region many detections may match); pycocotools decodes compressed RLE either way. Image and
   annotation ids start at 1. Class 0 is kept as a category unless `skip_classes` says otherwise.
+  An annotation has `score`, the class's mean confidence, when its record has one (a model with
+  confidence); none otherwise.
 - `labelstudio`: a JSON list of tasks, each `{"data": {"image": ...}, "predictions": [...]}` with
-  one `brushlabels` result per class (`value.format` "rle", `value.rle` the brush rle).
+  one `brushlabels` result per class (`value.format` "rle", `value.rle` the brush rle). With
+  confidence, the prediction's `score` is the image's mean confidence and each result's `score`
+  its class's mean confidence; without (a labels-only model) the prediction's score is a fixed
+  1.0 stand-in and results have none.
 - `cvat`: "CVAT for images 1.1" annotations.xml, one `<mask>` per class and image, as CVAT's
   own exporter writes it: `rle` the run lengths over the box (background first, ", " between
   them), `left`, `top`, `width`, `height` the box; zipped (annotations.xml at the zip root) when
-  the output ends with .zip, which is what CVAT's "Upload annotations" takes.
+  the output ends with .zip, which is what CVAT's "Upload annotations" takes. (CVAT's format has
+  no score for a shape: confidence is not written.)
 """
 
 from __future__ import annotations
@@ -51,7 +57,8 @@ ANNOTATION_OF_FORMAT = {"coco": "coco_rle", "cvat": "cvat_mask", "labelstudio": 
 
 ImageRecord = dict[str, Any]
 """One segmented image: {"file", "width", "height", "format", "annotations": [{"class_id",
-"name", "area", "bbox", and "coco_rle_counts" | "cvat_mask" | "label_studio_rle"}]}."""
+"name", "area", "bbox", and "coco_rle_counts" | "cvat_mask" | "label_studio_rle", and "score"
+with confidence}], and "score" (the image's mean confidence) with confidence}."""
 
 Classes = Sequence[tuple[int, str, tuple[int, int, int]]]
 """The model's classes: (id, name, colour)."""
@@ -96,6 +103,7 @@ def coco_document(
                     "bbox": list(a["bbox"]),
                     "iscrowd": iscrowd,
                 }
+                | ({"score": a["score"]} if "score" in a else {})
             )
     categories = [
         {"id": cid, "name": name, "supercategory": ""}
@@ -114,8 +122,8 @@ def labelstudio_tasks(
     image_url_prefix: str = "",
     skip_classes: Iterable[int] = (),
 ) -> list[dict[str, Any]]:
-    """Label Studio tasks with the brush masks as predictions (score: a fixed 1.0, the server
-    gives no confidence)."""
+    """Label Studio tasks with the brush masks as predictions; scores are the records' mean
+    confidences where they have them, else the prediction's is a fixed 1.0 stand-in."""
     tasks = []
     for record in records:
         result = [
@@ -134,12 +142,14 @@ def labelstudio_tasks(
                 "type": "brushlabels",
                 "origin": "prediction",
             }
+            | ({"score": a["score"]} if "score" in a else {})
             for a in _kept(record, skip_classes)
         ]
+        score = record.get("score", 1.0)
         tasks.append(
             {
                 "data": {"image": image_url_prefix + record["file"]},
-                "predictions": [{"model_version": model_version, "score": 1.0, "result": result}],
+                "predictions": [{"model_version": model_version, "score": score, "result": result}],
             }
         )
     return tasks

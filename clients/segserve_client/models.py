@@ -83,6 +83,9 @@ class ModelInfo:
     batching: BatchingInfo
     outputs_labels: bool
     description: str
+    has_confidence: bool = False
+    """Whether segment(include_confidence=True) works: the model has a confidence output or
+    outputs scores (labels-only models answer it FAILED_PRECONDITION)."""
 
     @property
     def palette(self) -> list[tuple[int, int, int]]:
@@ -115,6 +118,7 @@ class ModelInfo:
             ),
             outputs_labels=info.outputs_labels,
             description=info.description,
+            has_confidence=info.has_confidence,
         )
 
 

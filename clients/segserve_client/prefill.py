@@ -8,6 +8,13 @@ sidecar state file, OUT.partial.jsonl: a rerun after an interruption or failures
 it holds. The import file (see segserve_client.exports) is written at the end from the state,
 and the state file removed when no image failed. A file that fails (unreadable, not an image) is
 reported on stderr and in the summary without stopping the run; the exit status is then 1.
+
+Scores: when the model has confidence (GetModel's has_confidence, asked once at the start), each
+image is segmented with include_confidence and its record carries `score`, the image's mean
+confidence (ImageScores.mean_confidence), and per class `score`, the mean confidence of the
+class's pixels (Segmentation.class_confidence); the exports write them (segserve_client.exports:
+Label Studio prediction and item scores, COCO annotation scores). Without confidence (a
+labels-only model) records have no scores and the exports keep their stand-ins.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from segserve_client.aio import AsyncSegserveClient
 from segserve_client.client import SegserveClient
 from segserve_client.errors import SegserveError
 from segserve_client.exports import ANNOTATION_OF_FORMAT, EXPORT_FORMATS, ImageRecord, write_export
+from segserve_client.types import Segmentation
 
 __all__ = ["IMAGE_SUFFIXES", "add_arguments", "list_images", "prefill", "run", "state_path"]
 
@@ -98,6 +106,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _class_score(result: Segmentation, class_id: int) -> dict[str, float]:
+    """{"score": the class's mean confidence} with confidence, {} without."""
+    score = result.class_confidence.get(class_id)
+    return {} if score is None else {"score": float(score)}
+
+
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     """The images of `folder`, sorted by relative path."""
     found = folder.rglob("*") if recursive else folder.iterdir()
@@ -146,7 +160,11 @@ async def prefill(args: argparse.Namespace) -> dict[str, Any]:
                     try:
                         data = await asyncio.to_thread(path.read_bytes)
                         result = await client.segment(
-                            data, args.model, priority=args.priority, annotations=[annotation]
+                            data,
+                            args.model,
+                            priority=args.priority,
+                            annotations=[annotation],
+                            include_confidence=info.has_confidence,
                         )
                     except (SegserveError, OSError) as exc:
                         failed[name] = str(exc)
@@ -166,9 +184,12 @@ async def prefill(args: argparse.Namespace) -> dict[str, Any]:
                                     "bbox": list(a.bbox),
                                     key: getattr(a, key),
                                 }
+                                | _class_score(result, a.class_id)
                                 for a in result.annotations
                             ],
                         }
+                        if result.scores is not None:
+                            record["score"] = float(result.scores.mean_confidence)
                         state.write(json.dumps(record) + "\n")
                         state.flush()
                         done[name] = record

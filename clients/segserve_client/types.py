@@ -21,6 +21,7 @@ import numpy as np
 
 from segserve.v1 import segserve_pb2 as pb
 from segserve_client.annotations import ANNOTATION_FORMATS, ClassAnnotation
+from segserve_client.confidence import ImageScores, class_means, decode_confidence, image_scores
 from segserve_client.errors import FrameFailed, status_code
 from segserve_client.masks import MaskDecodeError, decode_png, decode_srle
 from segserve_client.models import BatchingInfo, ClassInfo, ModelInfo, ModelSummary, ReadinessWait
@@ -52,6 +53,7 @@ __all__ = [
     "FrameStatus",
     "FrameTiming",
     "ImageInput",
+    "ImageScores",
     "ModelInfo",
     "ModelSummary",
     "ReadinessWait",
@@ -184,6 +186,8 @@ class SegmentOptions:
     timeout_us: int = 0
     annotations: tuple[pb.AnnotationFormat, ...] = ()
     polygon_tolerance_px: float = 0.0
+    include_confidence: bool = False
+    confidence_threshold: float = 0.5
 
     @classmethod
     def create(
@@ -200,6 +204,8 @@ class SegmentOptions:
         timeout_us: int = 0,
         annotations: Sequence[Choice] = (),
         polygon_tolerance_px: float = 0.0,
+        include_confidence: bool = False,
+        confidence_threshold: float = 0.5,
     ) -> SegmentOptions:
         """Checks and normalises the options; raises ValueError naming the bad one."""
         if not model:
@@ -225,6 +231,8 @@ class SegmentOptions:
             raise ValueError(f"each annotation format may be asked for once, got {annotations}")
         if not polygon_tolerance_px >= 0:
             raise ValueError(f"a polygon tolerance is >= 0 pixels, got {polygon_tolerance_px}")
+        if not 0.0 < confidence_threshold <= 1.0:
+            raise ValueError(f"a confidence threshold is in (0, 1], got {confidence_threshold}")
         return cls(
             model=model,
             version=version,
@@ -237,6 +245,8 @@ class SegmentOptions:
             timeout_us=timeout_us,
             annotations=formats,
             polygon_tolerance_px=polygon_tolerance_px,
+            include_confidence=include_confidence,
+            confidence_threshold=confidence_threshold,
         )
 
     def request(self, image: ImageInput | pb.Image) -> pb.SegmentRequest:
@@ -253,6 +263,8 @@ class SegmentOptions:
             timeout_us=self.timeout_us,
             annotations=self.annotations,
             polygon_tolerance_px=self.polygon_tolerance_px,
+            include_confidence=self.include_confidence,
+            confidence_threshold=self.confidence_threshold if self.include_confidence else 0.0,
         )
 
 
@@ -408,6 +420,12 @@ class Segmentation(FrameTimes):
     """A stream frame's times (status OK); None for a Segment call."""
     annotations: list[ClassAnnotation] = field(default_factory=list)
     """Per class present, the annotation tools' formats asked for (SegmentOptions.annotations)."""
+    confidence_png: bytes | None = None
+    """include_confidence: the confidence map as the server sent it (8-bit grey PNG)."""
+    class_confidence: dict[int, float] = field(default_factory=dict)
+    """include_confidence: {class id: mean confidence (0..1)} of the classes present."""
+    scores: ImageScores | None = None
+    """include_confidence: the image's review scores; None when not asked for."""
 
     @property
     def status(self) -> FrameStatus:
@@ -423,6 +441,14 @@ class Segmentation(FrameTimes):
         labels.setflags(write=False)
         return labels
 
+    @cached_property
+    def confidence(self) -> np.ndarray | None:
+        """The (height, width) uint8 confidence map, 255 x the top class probability per pixel
+        (read-only); None unless confidence was asked for."""
+        if self.confidence_png is None:
+            return None
+        return decode_confidence(self.confidence_png, self.width, self.height)
+
     @classmethod
     def from_proto(
         cls, response: pb.SegmentResponse, frame: FrameTiming | None = None
@@ -437,6 +463,9 @@ class Segmentation(FrameTimes):
             masks={encoding_name(m.encoding): m.data for m in response.masks},
             frame=frame,
             annotations=[ClassAnnotation.from_proto(a) for a in response.annotations],
+            confidence_png=response.confidence.data if response.HasField("confidence") else None,
+            class_confidence=class_means(response),
+            scores=image_scores(response),
         )
 
 

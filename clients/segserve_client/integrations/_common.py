@@ -1,4 +1,4 @@
-"""What both adapters share: the label-map score, the request of segserve, and serving."""
+"""What both adapters share: the scores of a segmentation, the request of segserve, and serving."""
 
 from __future__ import annotations
 
@@ -13,11 +13,26 @@ from segserve_client.integrations import require
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
-__all__ = ["add_service_arguments", "boundary_scores", "serve"]
+    from segserve_client.types import Segmentation
+
+__all__ = ["add_service_arguments", "boundary_scores", "segmentation_scores", "serve"]
+
+
+def segmentation_scores(result: Segmentation) -> tuple[dict[int, float], float]:
+    """Per class present a score, and one for the whole image (0..1).
+
+    With confidence (the request had include_confidence, which the adapters set when the model
+    has_confidence): the mean confidence of each class's pixels (Segmentation.class_confidence)
+    and the mean confidence over all pixels (ImageScores.mean_confidence), model probabilities.
+    Without (a labels-only model): the stand-in of `boundary_scores`.
+    """
+    if result.scores is not None:
+        return dict(result.class_confidence), float(result.scores.mean_confidence)
+    return boundary_scores(np.asarray(result.labels, dtype=np.uint8))
 
 
 def boundary_scores(labels: npt.NDArray[np.uint8]) -> tuple[dict[int, float], float]:
-    """A stand-in for a confidence, which segserve does not send (yet): per class present,
+    """The stand-in for a confidence of models that have none (labels-only): per class present,
     1 - (share of its pixels on a class boundary), and the same over the whole map.
 
     A pixel is on a boundary when one of its 4 neighbours has another class (the image's edge is

@@ -19,10 +19,14 @@ when the user asks for masks converted to polygons (the other regions are then l
 labels are the model's class names, as `function.yaml` declares them; labels the CVAT task does
 not map (background, say) are dropped by CVAT's label-mapping dialog.
 
-Confidence: segserve sends no per-pixel confidence (yet); `confidence` is the stand-in of
+Confidence: when the model has confidence (GetModel's has_confidence, asked once per detector),
+the detector asks segserve for it (include_confidence) and a shape's `confidence` is the mean
+confidence of its class's pixels (the model's top class probability, 0..1); the request's
+`threshold` then drops the classes whose mean confidence is below it (no threshold, or 0: every
+class). A model without confidence (labels-only) keeps the stand-in of
 `_common.boundary_scores` (1 - share of the class's pixels on a class boundary), not a
-probability. `threshold` is accepted and not applied: filtering on that stand-in would drop thin
-classes, not unsure ones.
+probability, and `threshold` is accepted and not applied: filtering on that stand-in would drop
+thin classes, not unsure ones.
 
 Three ways to run the same code (`decode_request`, `shapes`): `create_app` (Starlette, async
 client, `POST /`) for local use and tests; `nuclio_main` (nuclio's `main:handler`, the sync client
@@ -51,7 +55,11 @@ from segserve_client.client import SegserveClient
 from segserve_client.errors import SegserveError
 from segserve_client.formats.polygons import Region
 from segserve_client.integrations import require
-from segserve_client.integrations._common import add_service_arguments, boundary_scores, serve
+from segserve_client.integrations._common import (
+    add_service_arguments,
+    segmentation_scores,
+    serve,
+)
 from segserve_client.models import ModelInfo
 from segserve_client.types import Segmentation
 
@@ -73,6 +81,7 @@ __all__ = [
     "decode_request",
     "function_yaml",
     "run",
+    "segment_options",
     "shapes",
     "write_function",
 ]
@@ -80,7 +89,8 @@ __all__ = [
 SERVER_ENV = "SEGSERVE_SERVER"
 MODEL_ENV = "SEGSERVE_MODEL"
 SEGMENT_OPTIONS: dict[str, Any] = {"encodings": "raw", "annotations": ["cvat_mask", "polygons"]}
-"""What every adapter asks segserve for: the label map (for the scores) and the two formats."""
+"""What every adapter asks segserve for: the label map (for the stand-in scores) and the two
+formats; and include_confidence=True when the model has confidence (`segment_options`)."""
 MAX_BODY_BYTES = 32 * 1024 * 1024
 SHIM = Path(__file__).with_name("nuclio_main.py")
 
@@ -143,10 +153,24 @@ def _shape(annotation: ClassAnnotation, confidence: float | None) -> dict[str, A
     }
 
 
-def shapes(result: Segmentation) -> list[dict[str, Any]]:
-    """The detector's answer for one segmentation (asked with SEGMENT_OPTIONS)."""
-    scores, _ = boundary_scores(np.asarray(result.labels, dtype=np.uint8))
-    return [_shape(a, scores.get(a.class_id)) for a in result.annotations if a.cvat_mask]
+def segment_options(has_confidence: bool) -> dict[str, Any]:
+    """SEGMENT_OPTIONS, asking for confidence when the model has it."""
+    return {**SEGMENT_OPTIONS, "include_confidence": has_confidence}
+
+
+def shapes(result: Segmentation, threshold: float | None = None) -> list[dict[str, Any]]:
+    """The detector's answer for one segmentation (asked with `segment_options`).
+
+    With confidence in `result`, a class whose mean confidence is below `threshold` is left
+    out; without (a labels-only model), `threshold` is not applied (see the module's doc).
+    """
+    scores, _ = segmentation_scores(result)
+    cut = threshold if threshold is not None and result.scores is not None else None
+    return [
+        _shape(a, scores.get(a.class_id))
+        for a in result.annotations
+        if a.cvat_mask and (cut is None or scores.get(a.class_id, 0.0) >= cut)
+    ]
 
 
 @dataclass(frozen=True)
@@ -162,13 +186,22 @@ class CvatFunction:
     def __init__(self, config: FunctionConfig, client: AsyncSegserveClient) -> None:
         self.config = config
         self.client = client
+        self._has_confidence: bool | None = None
+
+    async def has_confidence(self) -> bool:
+        """Whether the model has confidence (GetModel, asked once)."""
+        if self._has_confidence is None:
+            info = await self.client.get_model(self.config.model, timeout_s=self.config.timeout_s)
+            self._has_confidence = info.has_confidence
+        return self._has_confidence
 
     async def detect(self, body: object) -> list[dict[str, Any]]:
-        image, _threshold = decode_request(body)
+        image, threshold = decode_request(body)
+        options = segment_options(await self.has_confidence())
         result = await self.client.segment(
-            image, self.config.model, timeout_s=self.config.timeout_s, **SEGMENT_OPTIONS
+            image, self.config.model, timeout_s=self.config.timeout_s, **options
         )
-        return shapes(result)
+        return shapes(result, threshold)
 
 
 class SyncCvatFunction:
@@ -177,10 +210,18 @@ class SyncCvatFunction:
     def __init__(self, config: FunctionConfig, client: SegserveClient | None = None) -> None:
         self.config = config
         self.client = client or SegserveClient(config.server, timeout_s=config.timeout_s)
+        self._has_confidence: bool | None = None
+
+    def has_confidence(self) -> bool:
+        """Whether the model has confidence (GetModel, asked once)."""
+        if self._has_confidence is None:
+            self._has_confidence = self.client.get_model(self.config.model).has_confidence
+        return self._has_confidence
 
     def detect(self, body: object) -> list[dict[str, Any]]:
-        image, _threshold = decode_request(body)
-        return shapes(self.client.segment(image, self.config.model, **SEGMENT_OPTIONS))
+        image, threshold = decode_request(body)
+        options = segment_options(self.has_confidence())
+        return shapes(self.client.segment(image, self.config.model, **options), threshold)
 
     def close(self) -> None:
         self.client.close()

@@ -37,10 +37,14 @@ checks that there are as many), reads `result` and `score` and ignores the keys 
 know (label_studio/ml/models.py); it stores the empty prediction, so a task that failed is asked
 again only for another model version or when asked for by hand (Retrieve predictions).
 
-Score: segserve sends no per-pixel confidence (yet), so the scores are a stand-in
-(`_common.boundary_scores`): per item 1 - (share of the class's pixels on a class boundary), per
-task the same over the whole label map. They rank ragged predictions first for review; they are
-not probabilities.
+Score: when the model has confidence (GetModel's has_confidence, asked once), the backend asks
+segserve for it (include_confidence) and each item's `score` is the mean confidence of its class's
+pixels (the model's top class probability, 0..1; Segmentation.class_confidence), the
+prediction's `score` the mean confidence over the whole image (ImageScores.mean_confidence), so
+Label Studio's "sort by prediction score" puts the least sure images first. A model without
+confidence (labels-only) keeps a stand-in (`_common.boundary_scores`): per item 1 - (share of
+the class's pixels on a class boundary), per task the same over the whole label map; it ranks
+ragged predictions first for review and is not a probability.
 """
 
 from __future__ import annotations
@@ -58,12 +62,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, unquote_to_bytes, urljoin, urlsplit
 
-import numpy as np
-
 from segserve_client.aio import AsyncSegserveClient
 from segserve_client.errors import SegserveError
 from segserve_client.integrations import require
-from segserve_client.integrations._common import add_service_arguments, boundary_scores, serve
+from segserve_client.integrations._common import (
+    add_service_arguments,
+    segmentation_scores,
+    serve,
+)
 from segserve_client.models import ModelInfo
 
 if TYPE_CHECKING:
@@ -294,9 +300,10 @@ class LabelStudioBackend:
             self.config.model,
             encodings="raw",
             annotations=["label_studio_rle"],
+            include_confidence=info.has_confidence,
             timeout_s=self.config.timeout_s,
         )
-        item_scores, score = boundary_scores(np.asarray(result.labels, dtype=np.uint8))
+        item_scores, score = segmentation_scores(result)
         items = [
             {
                 "from_name": control.from_name,
