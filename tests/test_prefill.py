@@ -209,3 +209,26 @@ def test_defaults_and_progress_without_tqdm(monkeypatch: pytest.MonkeyPatch) -> 
     bar.update(1)
     bar.close()
     assert bar.count == 3
+
+
+async def test_prefill_is_bulk_traffic_behind_streams(server, target, tmp_path: Path) -> None:
+    """Pre-fill requests wait on the model's default level (2, bulk), behind stream frames
+    (level 1): the server's queue-wait histogram counts them there."""
+    registry = server.core.metrics.registry
+
+    def waited(level: str) -> float:
+        value = registry.get_sample_value(
+            "segserve_queue_wait_seconds_count", {"model": "colour", "priority": level}
+        )
+        return value or 0.0
+
+    folder = tmp_path / "bulk"
+    write_folder(folder, ["a.png", "b.png", "c.png"])
+    before = waited("1"), waited("2")
+    out = tmp_path / "bulk.json"
+    code = await run_cli(
+        "prefill", str(folder), "--model", "colour", "--format", "coco", "-o", str(out),
+        "--server", target,
+    )  # fmt: skip
+    assert code == 0
+    assert (waited("1"), waited("2")) == (before[0], before[1] + 3)
