@@ -9,6 +9,7 @@ from __future__ import annotations
 import grpc
 
 __all__ = [
+    "MAX_MESSAGE_CHARS",
     "ConfidenceUnavailable",
     "DeadlineExceeded",
     "FrameDropped",
@@ -21,15 +22,33 @@ __all__ = [
     "QueueFull",
     "QueueTimeout",
     "SegserveError",
+    "bounded",
 ]
 
 
+MAX_MESSAGE_CHARS = 1000
+"""Messages echo client-supplied values (names, lists, lengths): past this many characters they
+are cut, so that a status never outgrows the client's metadata limit (8 KiB by default) and the
+client sees the real code instead of RESOURCE_EXHAUSTED."""
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """The message in at most about `limit` characters: its start and its end (where the reason
+    often is), with a note of how much of the middle was left out."""
+    if len(message) <= limit:
+        return message
+    tail = limit // 4
+    head = limit - tail
+    return f"{message[:head]} … ({len(message) - limit} characters left out) … {message[-tail:]}"
+
+
 class SegserveError(Exception):
-    """Base class: a failure with a gRPC status code and a message for people."""
+    """Base class: a failure with a gRPC status code and a message for people (bounded)."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str) -> None:
+        message = bounded(message)
         super().__init__(message)
         self.message = message
 

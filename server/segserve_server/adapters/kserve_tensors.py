@@ -182,9 +182,12 @@ def to_infer_request(request: kserve.ModelInferRequest, api: TensorAPI) -> Infer
 
 
 def parse_version(text: str) -> int:
-    """A KServe model_version string as a number; '' is 0 (the serving version)."""
-    if not text:
+    """A KServe model_version string as a number: '' and '-1' (Triton's "the latest") are 0,
+    the serving version."""
+    if not text or text.strip() == "-1":
         return 0
     if not text.isdigit():
-        raise InvalidArgument(f"model version {text!r} is not a number")
+        raise InvalidArgument(
+            f"model version {text!r} is not a version number ('' or -1: the serving one)"
+        )
     return int(text)

@@ -46,7 +46,9 @@ def check_encodings(encodings: tuple[MaskEncoding, ...]) -> tuple[MaskEncoding, 
     if not encodings:
         return DEFAULT_ENCODINGS
     if len(set(encodings)) != len(encodings):
-        raise InvalidArgument(f"encodings {[e.value for e in encodings]} repeat an encoding")
+        raise InvalidArgument(
+            f"encodings repeat an encoding ({len(encodings)} given: {[e.value for e in encodings]})"
+        )
     return encodings
 
 
@@ -101,7 +103,9 @@ def check_annotation_formats(
 ) -> tuple[AnnotationFormat, ...]:
     """The formats, or InvalidArgument on a repeat or a bad polygon tolerance."""
     if len(set(formats)) != len(formats):
-        raise InvalidArgument(f"annotations {[f.value for f in formats]} repeat a format")
+        raise InvalidArgument(
+            f"annotations repeat a format ({len(formats)} given: {[f.value for f in formats]})"
+        )
     if not math.isfinite(polygon_tolerance_px) or polygon_tolerance_px < 0:
         raise InvalidArgument(
             f"polygon_tolerance_px {polygon_tolerance_px} is not a number of pixels >= 0"
