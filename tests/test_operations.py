@@ -180,3 +180,25 @@ async def test_sigterm_drains_everything_accepted(repository):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+async def test_get_model_reports_the_batching_that_runs(repository):
+    """With ONNX Runtime's CPU lanes (ort_intra_op_threads 0 on 2+ cores) each lane runs one
+    image: GetModel says max_batch_size 1, not config.pbtxt's 8."""
+    from segserve.v1 import segserve_pb2 as pb
+    from segserve.v1 import segserve_pb2_grpc as pb_grpc
+    from segserve_server.backends.onnxruntime import cpu_count
+    from segserve_server.server import Server
+    from tests.conftest import make_settings
+
+    lanes = cpu_count() > 1
+    server = Server(make_settings(repository, ort_intra_op_threads=0, metrics_port=None))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            info = await pb_grpc.SegmentationStub(channel).GetModel(
+                pb.GetModelRequest(name="colour")
+            )
+    finally:
+        await server.stop(timeout_s=5)
+    assert info.batching.max_batch_size == (1 if lanes else 8)

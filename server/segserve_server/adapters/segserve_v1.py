@@ -137,6 +137,7 @@ def to_segment_input(request: pb.SegmentRequest) -> SegmentInput:
         polygon_tolerance_px=request.polygon_tolerance_px,
         include_confidence=request.include_confidence,
         confidence_threshold=request.confidence_threshold or 0.5,
+        ignore_exif_orientation=request.ignore_exif_orientation,
     )
 
 
@@ -282,7 +283,8 @@ def model_info(model: Model, version: ModelVersion | None) -> pb.ModelInfo:
         info.backend = version.ready.backend.description
     if config is None:
         return info
-    batching = config.batching
+    # What runs, not what config.pbtxt asks (CPU lanes run one image at a time).
+    batching = version.ready.batcher.batching if version and version.ready else config.batching
     info.platform = config.platform
     info.input_width, info.input_height = config.input_width, config.input_height
     info.outputs_labels = config.outputs_labels

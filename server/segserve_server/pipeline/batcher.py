@@ -139,6 +139,12 @@ class Batcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def batching(self) -> BatchingConfig:
+        """The batching that really applies: the config's, capped by the backend's
+        batch_size_limit (ONNX Runtime's CPU lanes run one image each)."""
+        return self._config
+
     async def start(self) -> None:
         self._wakeup = asyncio.Event()
         self._free_slots = self._instances  # batches that may start now
