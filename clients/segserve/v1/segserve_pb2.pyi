@@ -145,7 +145,7 @@ class StageTimings(_message.Message):
     def __init__(self, decode_us: _Optional[int] = ..., preprocess_us: _Optional[int] = ..., queue_us: _Optional[int] = ..., infer_us: _Optional[int] = ..., postprocess_us: _Optional[int] = ..., encode_us: _Optional[int] = ..., total_us: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class SegmentRequest(_message.Message):
-    __slots__ = ("model", "model_version", "image", "encodings", "output_size", "include_pixel_counts", "embed_palette", "priority", "timeout_us", "annotations", "polygon_tolerance_px", "include_confidence", "confidence_threshold")
+    __slots__ = ("model", "model_version", "image", "encodings", "output_size", "include_pixel_counts", "embed_palette", "priority", "timeout_us", "annotations", "polygon_tolerance_px", "include_confidence", "confidence_threshold", "ignore_exif_orientation")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +159,7 @@ class SegmentRequest(_message.Message):
     POLYGON_TOLERANCE_PX_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EXIF_ORIENTATION_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: int
     image: Image
@@ -172,7 +173,8 @@ class SegmentRequest(_message.Message):
     polygon_tolerance_px: float
     include_confidence: bool
     confidence_threshold: float
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., encodings: _Optional[_Iterable[_Union[MaskEncoding, str]]] = ..., output_size: _Optional[_Union[OutputSize, str]] = ..., include_pixel_counts: _Optional[bool] = ..., embed_palette: _Optional[bool] = ..., priority: _Optional[int] = ..., timeout_us: _Optional[int] = ..., annotations: _Optional[_Iterable[_Union[AnnotationFormat, str]]] = ..., polygon_tolerance_px: _Optional[float] = ..., include_confidence: _Optional[bool] = ..., confidence_threshold: _Optional[float] = ...) -> None: ...
+    ignore_exif_orientation: bool
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., encodings: _Optional[_Iterable[_Union[MaskEncoding, str]]] = ..., output_size: _Optional[_Union[OutputSize, str]] = ..., include_pixel_counts: _Optional[bool] = ..., embed_palette: _Optional[bool] = ..., priority: _Optional[int] = ..., timeout_us: _Optional[int] = ..., annotations: _Optional[_Iterable[_Union[AnnotationFormat, str]]] = ..., polygon_tolerance_px: _Optional[float] = ..., include_confidence: _Optional[bool] = ..., confidence_threshold: _Optional[float] = ..., ignore_exif_orientation: _Optional[bool] = ...) -> None: ...
 
 class ImageScores(_message.Message):
     __slots__ = ("uncertainty", "mean_confidence", "boundary_length", "regions")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -244,10 +245,17 @@ class KServeServicer:
     async def _infer(
         self, request: kserve.ModelInferRequest, deadline_s: float | None
     ) -> kserve.ModelInferResponse:
+        started = time.perf_counter()
         infer_request = to_infer_request(request, self._api)
+        input_s = time.perf_counter() - started
         result = await self._api.infer(infer_request, deadline_s)
+        started = time.perf_counter()
         specs = self._api.outputs(self._api.route(result.model))
-        return encode_result(result, specs, request.id)
+        response = encode_result(result, specs, request.id)
+        output_s = time.perf_counter() - started
+        # Triton's compute_input / compute_output take the tensor conversion both ways.
+        self._api.record_conversion(result.model, result.version, input_s, output_s)
+        return response
 
     async def _stream_answer(
         self, request: kserve.ModelInferRequest | InvalidArgument, deadline_s: float | None

@@ -51,6 +51,7 @@ class SegmentInput:
     polygon_tolerance_px: float = 0.0
     include_confidence: bool = False  # confidence map, per-class means, review scores
     confidence_threshold: float = 0.5
+    ignore_exif_orientation: bool = False  # decode in stored, not display, orientation
 
 
 @dataclass

@@ -200,7 +200,12 @@ class SegmentationCore:
             _check_confidence(config, request.confidence_threshold)
         timings = StageTimings()
         tensor, width, height = await self._in_pool(
-            self._prepare, request.image, model, timings, request.admission
+            self._prepare,
+            request.image,
+            model,
+            timings,
+            request.admission,
+            request.ignore_exif_orientation,
         )
         outcome = await model.batcher.submit(tensor, deadline_s, request.admission)
         self._observe_queue(request.model, outcome)
@@ -249,8 +254,10 @@ class SegmentationCore:
         model: ReadyVersion,
         timings: StageTimings,
         admission: Admission,
+        ignore_exif_orientation: bool = False,
     ) -> tuple[np.ndarray, int, int]:
-        """Decode and preprocess, in a worker thread. Returns the tensor and the original size."""
+        """Decode and preprocess, in a worker thread. Returns the tensor and the original size
+        (in display orientation: EXIF orientation applied unless ignore_exif_orientation)."""
         if admission.superseded is not None and admission.superseded():
             raise FrameDropped("a newer frame of the stream came before this one was decoded")
         config = model.config
@@ -268,6 +275,7 @@ class SegmentationCore:
                 self._limits,
                 order="BGR" if config.channel_order == "BGR" else "RGB",
                 min_size=min_size,
+                ignore_exif_orientation=ignore_exif_orientation,
             )
         timings.decode = watch.lap()
         tensor = model.preprocessor(decoded)

@@ -11,8 +11,10 @@ Every repository model is served under two names:
   (JPEG, PNG, WebP, BMP). Outputs MASK_BYTES (BYTES [N]: the encoded label maps), MASK_SHAPE
   (INT32 [N, 2]: height, width of each map) and CLASS_PIXEL_COUNTS (INT64 [N, C]: pixels per
   class). Request parameters: mask_encoding ("srle", default, "png" or "raw": row-major uint8
-  bytes), output_size ("original", default, or "model"), embed_palette (bool, PNG only). Each
-  image runs the segserve request path (decode, preprocess, batch, postprocess, encode).
+  bytes), output_size ("original", default, or "model"), embed_palette (bool, PNG only),
+  ignore_exif_orientation (bool: EXIF orientation is applied by default, so masks and MASK_SHAPE
+  are in display orientation). Each image runs the segserve request path (decode, preprocess,
+  batch, postprocess, encode).
 
 Errors are SegserveError subclasses naming the bad value; the gRPC surface maps them to codes.
 """
@@ -75,7 +77,7 @@ IMAGE_INPUT = "IMAGE_BYTES"
 MASK_OUTPUT = "MASK_BYTES"
 SHAPE_OUTPUT = "MASK_SHAPE"
 COUNTS_OUTPUT = "CLASS_PIXEL_COUNTS"
-IMAGE_PARAMETERS = ("mask_encoding", "output_size", "embed_palette")
+IMAGE_PARAMETERS = ("mask_encoding", "output_size", "embed_palette", "ignore_exif_orientation")
 # Parameters tritonclient sets itself: segserve honours priority and timeout (a queue timeout in
 # microseconds, as Triton's queue policy allows it) and ignores the rest.
 RESERVED_PARAMETERS = ("priority", "timeout", "headers", "binary_data_output")
@@ -161,7 +163,14 @@ class Duration:
 
 @dataclass
 class RouteStats:
-    """Triton's inference statistics of one route and version, for requests of this protocol."""
+    """Triton's inference statistics of one route and version, for requests of this protocol.
+
+    As in Triton, the durations count requests: each successful request adds 1 to success,
+    queue, compute_input, compute_infer and compute_output at once (perf_analyzer requires the
+    counts to agree), a failed one to fail only; inference_count counts batch items.
+    compute_input and compute_output also take the protocol adapter's tensor conversion
+    (`TensorAPI.record_conversion`), added to the durations once the response is built.
+    """
 
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
@@ -171,6 +180,19 @@ class RouteStats:
     compute_output: Duration = field(default_factory=Duration)
     inference_count: int = 0
     last_inference_ms: int = 0
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What one successful request did: its outputs, batch items and seconds per stage (for a
+    request of several items, which run concurrently, the longest item's)."""
+
+    outputs: dict[str, np.ndarray]
+    items: int
+    queue: float
+    compute_input: float
+    compute_infer: float
+    compute_output: float
 
 
 @dataclass(frozen=True)
@@ -307,13 +329,9 @@ class TensorAPI:
                     raise InvalidArgument(f"model {route.name!r} is not a sequence model ({key})")
             wanted = self._requested(route, request.requested)
             if route.image:
-                outputs = await self._infer_images(
-                    route, version, request, wanted, deadline_s, stats
-                )
+                run = await self._infer_images(route, version, request, wanted, deadline_s)
             else:
-                outputs = await self._infer_tensors(
-                    route, version, request, wanted, deadline_s, stats
-                )
+                run = await self._infer_tensors(route, version, request, wanted, deadline_s)
         except (SegserveError, asyncio.CancelledError):
             stats.fail.add(time.perf_counter() - started)
             raise
@@ -323,9 +341,25 @@ class TensorAPI:
             raise InferenceFailed(
                 f"model {route.name!r} failed: {type(exc).__name__}: {exc}"
             ) from exc
+        # All at once (no await in between), so a statistics read never sees the counts differ.
         stats.success.add(time.perf_counter() - started)
+        stats.queue.add(run.queue)
+        stats.compute_input.add(run.compute_input)
+        stats.compute_infer.add(run.compute_infer)
+        stats.compute_output.add(run.compute_output)
+        stats.inference_count += run.items
         stats.last_inference_ms = int(time.time() * 1000)
-        return InferResult(route.name, version.version, outputs)
+        return InferResult(route.name, version.version, run.outputs)
+
+    def record_conversion(self, route: str, version: int, input_s: float, output_s: float) -> None:
+        """Adds a protocol adapter's tensor conversion for one successful request (answered by
+        `infer` as `version` of `route`): input_s converting the request's tensors to the
+        model's input, output_s building the response's. Durations only: `infer` has counted
+        the request in every stage; the request's success duration takes both too."""
+        stats = self.stats.setdefault((route, version), RouteStats())
+        stats.compute_input.add(input_s, count=0)
+        stats.compute_output.add(output_s, count=0)
+        stats.success.add(input_s + output_s, count=0)
 
     def _requested(self, route: Route, names: tuple[str, ...]) -> list[str]:
         known = [spec.name for spec in self.outputs(route)]
@@ -356,8 +390,7 @@ class TensorAPI:
         request: InferRequest,
         wanted: list[str],
         deadline_s: float | None,
-        stats: RouteStats,
-    ) -> dict[str, np.ndarray]:
+    ) -> _Run:
         config = route.config
         batch = self._one_input(route, request)
         count = batch.shape[0]
@@ -374,9 +407,8 @@ class TensorAPI:
             TensorInput(config.name, batch, version.version, admission_of(request.parameters)),
             deadline_s,
         )
-        stats.inference_count += count
-        stats.queue.add(output.timings.queue)
-        stats.compute_infer.add(output.timings.infer)
+        converting = time.perf_counter()
+        timings = output.timings
         stacked = output.output
         if config.confidence_output is None:
             produced = {config.output_name: stacked}
@@ -385,7 +417,17 @@ class TensorAPI:
                 config.output_name: stacked[:, 0],
                 config.confidence_output: stacked[:, 1].astype(np.uint8, copy=False),
             }
-        return {name: np.ascontiguousarray(produced[name]) for name in wanted}
+        outputs = {name: np.ascontiguousarray(produced[name]) for name in wanted}
+        return _Run(
+            outputs,
+            items=count,
+            queue=timings.queue,
+            compute_input=timings.decode + timings.preprocess,
+            compute_infer=timings.infer,
+            compute_output=timings.postprocess
+            + timings.encode
+            + (time.perf_counter() - converting),
+        )
 
     async def _infer_images(
         self,
@@ -394,8 +436,7 @@ class TensorAPI:
         request: InferRequest,
         wanted: list[str],
         deadline_s: float | None,
-        stats: RouteStats,
-    ) -> dict[str, np.ndarray]:
+    ) -> _Run:
         images = self._one_input(route, request)
         if images.size == 0:
             raise InvalidArgument(f"input {IMAGE_INPUT!r} holds no image")
@@ -417,6 +458,7 @@ class TensorAPI:
                 include_pixel_counts=COUNTS_OUTPUT in wanted,
                 embed_palette=options[2],
                 admission=admission,
+                ignore_exif_orientation=options[3],
             )
             try:
                 return await self._core.segment(segment, deadline_s)
@@ -426,13 +468,8 @@ class TensorAPI:
         results = await gather_or_cancel(
             one(i, bytes(image)) for i, image in enumerate(images.reshape(-1))
         )
-        for result in results:
-            t = result.timings
-            stats.queue.add(t.queue)
-            stats.compute_input.add(t.decode + t.preprocess)
-            stats.compute_infer.add(t.infer)
-            stats.compute_output.add(t.postprocess + t.encode)
-        stats.inference_count += len(results)
+        converting = time.perf_counter()
+        timings = [r.timings for r in results]
         masks = np.empty(len(results), dtype=np.object_)
         masks[:] = [r.masks[0][1] for r in results]
         counts = np.zeros((len(results), len(route.config.classes)), dtype=np.int64)
@@ -444,7 +481,16 @@ class TensorAPI:
             SHAPE_OUTPUT: np.array([[r.height, r.width] for r in results], dtype=np.int32),
             COUNTS_OUTPUT: counts,
         }
-        return {name: produced[name] for name in wanted}
+        # One request: its images run concurrently, so each stage took its longest image's time.
+        return _Run(
+            {name: produced[name] for name in wanted},
+            items=len(results),
+            queue=max(t.queue for t in timings),
+            compute_input=max(t.decode + t.preprocess for t in timings),
+            compute_infer=max(t.infer for t in timings),
+            compute_output=max(t.postprocess + t.encode for t in timings)
+            + (time.perf_counter() - converting),
+        )
 
     def version_stats(self, route: Route, version: int) -> RouteStats:
         return self.stats.get((route.name, version), RouteStats())
@@ -470,8 +516,9 @@ def admission_of(parameters: dict[str, str | int | bool | float]) -> Admission:
 
 def _image_options(
     parameters: dict[str, str | int | bool | float],
-) -> tuple[MaskEncoding, bool, bool]:
-    """(mask encoding, output at the model's size, embed palette) from the request parameters."""
+) -> tuple[MaskEncoding, bool, bool, bool]:
+    """(mask encoding, output at the model's size, embed palette, ignore EXIF orientation) from
+    the request parameters."""
     for key in parameters:
         if (
             key not in IMAGE_PARAMETERS
@@ -493,4 +540,9 @@ def _image_options(
     palette = parameters.get("embed_palette", False)
     if not isinstance(palette, bool):
         raise InvalidArgument(f"parameter embed_palette = {palette!r} is not a bool")
-    return encodings[encoding_name.lower()], size.lower() == "model", palette
+    ignore_orientation = parameters.get("ignore_exif_orientation", False)
+    if not isinstance(ignore_orientation, bool):
+        raise InvalidArgument(
+            f"parameter ignore_exif_orientation = {ignore_orientation!r} is not a bool"
+        )
+    return encodings[encoding_name.lower()], size.lower() == "model", palette, ignore_orientation
