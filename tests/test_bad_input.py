@@ -237,3 +237,31 @@ async def test_oversized_message(repository):
             np.testing.assert_array_equal(decode_srle(response.masks[0].data).shape, (H, W))
     finally:
         await server.stop(timeout_s=5)
+
+
+async def test_expired_calls_are_counted_deadline_exceeded_not_cancelled(stub, server):
+    """gRPC cancels a handler whose deadline passed; the server still counts it as the
+    deadline's doing (three calls queued in colour_batch4, which needs four to run)."""
+    model = "colour_batch4"
+    before = {
+        code: sample(server, "segserve_requests_total", model=model, code=code)
+        for code in ("DEADLINE_EXCEEDED", "CANCELLED")
+    }
+    calls = [
+        asyncio.ensure_future(stub.Segment(with_image(PNG, model), timeout=0.3)) for _ in range(3)
+    ]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(
+        isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for r in results
+    )
+    await wait_for(
+        lambda: (
+            sample(server, "segserve_requests_total", model=model, code="DEADLINE_EXCEEDED")
+            == before["DEADLINE_EXCEEDED"] + 3
+        )
+    )
+    assert (
+        sample(server, "segserve_requests_total", model=model, code="CANCELLED")
+        == before["CANCELLED"]
+    )
