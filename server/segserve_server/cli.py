@@ -20,7 +20,16 @@ from pathlib import Path
 
 from segserve_server import __version__
 
-__all__ = ["main"]
+__all__ = ["EXIT_DRAIN_TIMEOUT", "EXIT_OK", "EXIT_USAGE", "main"]
+
+# `segserve serve`'s exit codes (docs/configuration.md, "Draining").
+EXIT_OK = 0
+"""Stopped by SIGTERM/SIGINT, and every call accepted was answered."""
+EXIT_DRAIN_TIMEOUT = 1
+"""The drain's drain_timeout_s ran out with calls still running: they were answered UNAVAILABLE
+("drain timeout ... ran out") or, past that, cancelled."""
+EXIT_USAGE = 2
+"""Invalid flags or settings."""
 
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -46,12 +55,11 @@ def _run_serve(args: argparse.Namespace) -> int:
         settings = load_settings(args.config, **overrides_of(args))
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         print(f"segserve: invalid settings: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(serve(settings))
-    return 0
+    return EXIT_OK if asyncio.run(serve(settings)) else EXIT_DRAIN_TIMEOUT
 
 
 # Subcommands with their own parsers: everything after the name is handed to them unchanged.

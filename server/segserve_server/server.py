@@ -3,7 +3,9 @@ and a second grpc.aio server on `kserve_port` speaking the KServe v2 / Triton pr
 
 Drain (SIGTERM/SIGINT or Server.stop): health turns NOT_SERVING, streams stop reading frames,
 new calls are refused, every accepted request is answered (up to drain_timeout_s), then the
-models are released and the process exits.
+models are released and the process exits. If drain_timeout_s runs out first, the calls still
+running are answered UNAVAILABLE by segserve ("drain timeout ... ran out") before gRPC cancels
+them, and `serve` returns False (`segserve serve` exits 1).
 """
 
 from __future__ import annotations
@@ -28,13 +30,16 @@ from segserve_server.core.service import SegmentationCore
 from segserve_server.core.tensors import TensorAPI
 from segserve_server.settings import Settings
 
-__all__ = ["NOT_SERVING", "SEGMENTATION_SERVICE", "SERVING", "Server", "serve"]
+__all__ = ["ANSWER_GRACE_S", "NOT_SERVING", "SEGMENTATION_SERVICE", "SERVING", "Server", "serve"]
 
 log = logging.getLogger(__name__)
 
 SEGMENTATION_SERVICE = pb.DESCRIPTOR.services_by_name["Segmentation"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+ANSWER_GRACE_S = 1.0
+"""After a drain's budget ran out: how long the calls segserve failed get to send that answer
+before gRPC cancels every call still running."""
 
 
 class Server:
@@ -49,6 +54,10 @@ class Server:
         self.metrics_port: int | None = None
         self._metrics_server: WSGIServer | None = None
         self._kserve: grpc.aio.Server | None = None
+        self.drain_timed_out = False
+        """True once a drain's budget ran out with calls still running (see stop)."""
+        self._health_lock = asyncio.Lock()  # one health update at a time, in order
+        self._health_updates: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         s = self.settings
@@ -81,6 +90,7 @@ class Server:
         await self._grpc.start()
         if self._kserve is not None:
             await self._kserve.start()
+        self.core.models.watch(self._availability_changed)
         await self._set_health()
         if s.metrics_port is not None:
             self._metrics_server = self.core.metrics.serve(s.host, s.metrics_port)
@@ -119,34 +129,72 @@ class Server:
         )
         return server
 
+    def _availability_changed(self) -> None:
+        """A model's backend turned available or unavailable (on the loop): update health."""
+        task = asyncio.get_running_loop().create_task(self._set_health())
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
+
     async def _set_health(self) -> None:
-        models = self.core.models.models
-        any_ready = False
-        for name, model in models.items():
-            ready = model.state is ModelState.READY and not self._draining.is_set()
-            any_ready |= ready
-            await self._health.set(name, SERVING if ready else NOT_SERVING)
-        overall = SERVING if any_ready else NOT_SERVING
-        await self._health.set("", overall)
-        await self._health.set(SEGMENTATION_SERVICE, overall)
-        if self._kserve is not None:
-            await self._health.set(KSERVE_SERVICE, overall)
+        """Per model: SERVING while it is READY and its backend can run batches (not every
+        Triton server ejected) and no drain began; overall: SERVING while any model is."""
+        async with self._health_lock:
+            any_ready = False
+            for name, model in self.core.models.models.items():
+                ready = model.available and not self._draining.is_set()
+                any_ready |= ready
+                await self._health.set(name, SERVING if ready else NOT_SERVING)
+            overall = SERVING if any_ready else NOT_SERVING
+            await self._health.set("", overall)
+            await self._health.set(SEGMENTATION_SERVICE, overall)
+            if self._kserve is not None:
+                await self._health.set(KSERVE_SERVICE, overall)
 
     async def stop(self, timeout_s: float | None = None) -> None:
-        """Drains: refuse new work, answer all accepted work (up to timeout_s), release."""
+        """Drains: refuse new work, answer all accepted work (up to timeout_s), release.
+
+        One budget, timeout_s (default drain_timeout_s), for the whole drain. If it runs out
+        with calls still running, segserve answers them itself: every request the models still
+        hold (running or queued) fails UNAVAILABLE with a message that says so, and the calls
+        get ANSWER_GRACE_S more to send that answer before gRPC cancels what is left
+        (`drain_timed_out` then says so)."""
         if self._draining.is_set():
             await self._stopped.wait()
             return
-        grace_s = self.settings.drain_timeout_s if timeout_s is None else timeout_s
-        ends_s = time.monotonic() + grace_s
-        log.info("draining (up to %.1fs)", grace_s)
+        budget_s = self.settings.drain_timeout_s if timeout_s is None else timeout_s
+        started_s = time.monotonic()
+        ends_s = started_s + budget_s
+        log.info("draining (up to %.1fs)", budget_s)
         self._draining.set()
         try:
             await self._set_health()
             servers = [self._grpc] if self._kserve is None else [self._grpc, self._kserve]
-            await asyncio.gather(*(server.stop(grace_s) for server in servers))
-            # One budget for the whole drain: the models get what the RPCs left of it.
-            await self.core.stop(timeout_s=max(0.0, ends_s - time.monotonic()))
+            # gRPC cancels every call still running when its grace ends: give it a little
+            # more than the budget, so that at the budget's end segserve answers them first.
+            rpcs = asyncio.ensure_future(
+                asyncio.gather(*(server.stop(budget_s + ANSWER_GRACE_S) for server in servers))
+            )
+            done, _ = await asyncio.wait({rpcs}, timeout=max(0.0, ends_s - time.monotonic()))
+            if not done:
+                self.drain_timed_out = True
+                waited_s = time.monotonic() - started_s
+                failed = self.core.abandon(
+                    f"server stopped before answering: drain timeout of {budget_s:g} s ran out; "
+                    "retry on another replica",
+                    waited_s=waited_s,
+                )
+                log.warning(
+                    "drain timeout: calls still running after %.1fs; %d request(s) held by "
+                    "the models failed UNAVAILABLE; %.1fs more to send the answers, then gRPC "
+                    "cancels what is left",
+                    waited_s,
+                    failed,
+                    ANSWER_GRACE_S,
+                )
+            await rpcs
+            # The models get what the RPCs left of the budget.
+            if await self.core.stop(timeout_s=max(0.0, ends_s - time.monotonic())):
+                self.drain_timed_out = True
         finally:
             if self._metrics_server is not None:
                 self._metrics_server.shutdown()
@@ -167,8 +215,9 @@ def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
     return bound
 
 
-async def serve(settings: Settings) -> None:
-    """Runs a server until SIGTERM or SIGINT, then drains and returns."""
+async def serve(settings: Settings) -> bool:
+    """Runs a server until SIGTERM or SIGINT, then drains and returns. True when every call
+    accepted was answered within drain_timeout_s; False when the drain timed out."""
     server = Server(settings)
     await server.start()
     loop = asyncio.get_running_loop()
@@ -182,3 +231,4 @@ async def serve(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, drain)
     await server.wait_for_termination()
+    return not server.drain_timed_out

@@ -110,9 +110,7 @@ class KServeServicer:
     async def ServerReady(
         self, request: kserve.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> kserve.ServerReadyResponse:
-        ready = not self._is_draining() and any(
-            r.model.state is ModelState.READY for r in self._api.routes()
-        )
+        ready = not self._is_draining() and any(r.model.available for r in self._api.routes())
         return kserve.ServerReadyResponse(ready=ready)
 
     async def ServerMetadata(
@@ -129,10 +127,11 @@ class KServeServicer:
             return kserve.ModelReadyResponse(ready=False)
         try:
             route = self._api.route(request.name)
-            self._api.ready_version(route, parse_version(request.version))
+            ready = self._api.ready_version(route, parse_version(request.version))
         except SegserveError:
             return kserve.ModelReadyResponse(ready=False)
-        return kserve.ModelReadyResponse(ready=True)
+        # READY but its backend cannot run batches now (every Triton server ejected): not ready.
+        return kserve.ModelReadyResponse(ready=ready.backend.available)
 
     def _ready_route(self, name: str, version: str) -> Route:
         route = self._api.route(name)
@@ -194,7 +193,7 @@ class KServeServicer:
                     name=route.name,
                     version=str(number),
                     state=_STATES[version.state],
-                    reason=version.reason,
+                    reason=version.reason or version.unavailable_reason,
                 )
         return index
 

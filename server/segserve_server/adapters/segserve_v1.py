@@ -277,7 +277,8 @@ def model_info(model: Model, version: ModelVersion | None) -> pb.ModelInfo:
         name=model.name,
         version=version.version if version else 0,
         state=_STATES[version.state if version else model.state],
-        reason=version.reason if version else model.reason,
+        # A READY version whose backend cannot run batches now stays READY, with the reason.
+        reason=(version.reason or version.unavailable_reason) if version else model.reason,
     )
     if version is not None and version.ready is not None:
         info.backend = version.ready.backend.description

@@ -6,13 +6,15 @@
   batch waiting on the network holds no thread, and it gets the time its requests still have.
 
 Both share `BackendInfo`: a description, how many batches are worth running at once, the largest
-batch worth running, and the loop-bound `start` / `aclose` hooks. The factory that picks a
+batch worth running, whether it can run batches now (`unavailable_reason`, with a change
+callback), and the loop-bound `start` / `aclose` hooks. The factory that picks a
 concrete backend lives in `backends.factory`; this module imports none of them.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 import numpy as np
 
@@ -45,6 +47,20 @@ class BackendInfo(abc.ABC):
         """The largest batch worth running on this device, if smaller than the config's
         max_batch_size (ONNX Runtime's single-threaded CPU lanes: 1); None: the config's."""
         return None
+
+    @property
+    def unavailable_reason(self) -> str:
+        """Why the started backend cannot run batches now ("" while it can), e.g. every Triton
+        server of the model ejected. In-process backends always can."""
+        return ""
+
+    @property
+    def available(self) -> bool:
+        return not self.unavailable_reason
+
+    def on_availability_change(self, callback: Callable[[], None]) -> None:  # noqa: B027
+        """Registers callback, called on the loop whenever `available` flips (optional hook:
+        backends that are always available never call it)."""
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Loop-bound set-up, after construction; raises ModelConfigError if it cannot serve."""

@@ -3,6 +3,11 @@
 A model or version that fails to load is kept with its reason (ListModels and health report it)
 while the others serve. A version that serves is a `ReadyVersion`: its config, backend, batcher
 and preprocessor are all there by construction, so the request path never checks for them.
+
+A READY version whose backend cannot run batches now (every Triton server of the model ejected)
+stays READY but is not `available`: `unavailable_reason` says why (ListModels and GetModel
+report it as the reason), and health and KServe ModelReady say not serving until the backend
+recovers; `ModelManager.watch` callbacks hear of each change.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +79,16 @@ class ModelVersion:
     ready: ReadyVersion | None = None
     batch_stats: BatchStats = field(default_factory=BatchStats)
 
+    @property
+    def unavailable_reason(self) -> str:
+        """Why a READY version's backend cannot run batches now; "" otherwise."""
+        return self.ready.backend.unavailable_reason if self.ready is not None else ""
+
+    @property
+    def available(self) -> bool:
+        """READY and its backend can run batches now."""
+        return self.ready is not None and not self.unavailable_reason
+
 
 @dataclass(eq=False)
 class Model:
@@ -101,9 +117,17 @@ class Model:
         return max(self.versions.values(), key=lambda v: v.version).state
 
     @property
+    def available(self) -> bool:
+        """READY, and the serving version's backend can run batches now."""
+        serving = self.serving
+        return serving is not None and serving.backend.available
+
+    @property
     def reason(self) -> str:
-        if self.serving is not None:
-            return ""
+        """Why the model is not READY, or why a READY one is not available; "" otherwise."""
+        serving = self.serving
+        if serving is not None:
+            return serving.backend.unavailable_reason
         if self.entry.error is not None:
             return self.entry.error
         if not self.versions:
@@ -118,6 +142,16 @@ class ModelManager:
         self._settings = settings
         self._metrics = metrics
         self.models: dict[str, Model] = {}
+        self._watchers: list[Callable[[], None]] = []
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Calls callback (on the loop) whenever a READY version's backend turns available or
+        unavailable (e.g. its last Triton server ejected, or one readmitted)."""
+        self._watchers.append(callback)
+
+    def _availability_changed(self) -> None:
+        for callback in list(self._watchers):
+            callback()
 
     async def load_all(self) -> None:
         for entry in scan_repository(Path(self._settings.model_repository)):
@@ -164,6 +198,7 @@ class ModelManager:
             model.name, loaded.version, config, backend, batcher, Preprocessor(config), stats
         )
         loaded.state = ModelState.READY
+        backend.on_availability_change(self._availability_changed)
         self._metrics.model_ready.labels(model.name, str(loaded.version)).set(1)
         self._metrics.queue_depth.labels(model.name).set_function(
             lambda: sum(v.ready.batcher.queue_depth for v in model.versions.values() if v.ready)
@@ -205,10 +240,25 @@ class ModelManager:
             )
         return loaded.ready
 
-    async def stop(self, timeout_s: float | None) -> None:
-        """Drains every batcher (answers what was queued), then releases the backends."""
-        loaded = [v for m in self.models.values() for v in m.versions.values() if v.ready]
-        await asyncio.gather(*(v.ready.batcher.stop(timeout_s) for v in loaded if v.ready))
+    def _ready(self) -> list[ModelVersion]:
+        return [v for m in self.models.values() for v in m.versions.values() if v.ready]
+
+    def abandon(self, message: str, *, waited_s: float) -> int:
+        """A drain's budget ran out: every batcher stops accepting and fails what it still holds
+        (running or queued) with UNAVAILABLE `message`; each one that held something logs it.
+        Returns how many requests were failed."""
+        return sum(
+            v.ready.batcher.abandon(ModelUnavailable(message), waited_s=waited_s)
+            for v in self._ready()
+            if v.ready
+        )
+
+    async def stop(self, timeout_s: float | None) -> int:
+        """Drains every batcher (answers what was queued), then releases the backends. Returns
+        how many requests the batchers failed because timeout_s ran out."""
+        loaded = self._ready()
+        failed = await asyncio.gather(*(v.ready.batcher.stop(timeout_s) for v in loaded if v.ready))
         for version in loaded:
             version.state, version.ready = ModelState.UNLOADED, None
             self._metrics.model_ready.labels(version.name, str(version.version)).set(0)
+        return sum(failed)

@@ -94,10 +94,18 @@ class SegmentationCore:
         )
         await self.models.load_all()
 
-    async def stop(self, timeout_s: float | None = None) -> None:
-        """Answers the requests accepted so far, then releases models and threads."""
-        await self.models.stop(timeout_s)
+    def abandon(self, message: str, *, waited_s: float) -> int:
+        """A drain's budget ran out: fails every request the models still hold (running or
+        queued) with UNAVAILABLE `message`, now, while their calls can still be answered, and
+        refuses new ones. Returns how many were failed (see ModelManager.abandon)."""
+        return self.models.abandon(message, waited_s=waited_s)
+
+    async def stop(self, timeout_s: float | None = None) -> int:
+        """Answers the requests accepted so far, then releases models and threads. Returns how
+        many requests were failed because timeout_s ran out."""
+        failed = await self.models.stop(timeout_s)
         self._pool.shutdown(wait=True, cancel_futures=False)
+        return failed
 
     async def _in_pool(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(
@@ -180,7 +188,8 @@ class SegmentationCore:
             code = exc.outcome
             raise
         except asyncio.CancelledError:
-            expired = deadline_s is not None and time.monotonic() >= deadline_s
+            # gRPC fires the deadline on its own clock: a few ms either side of ours.
+            expired = deadline_s is not None and time.monotonic() >= deadline_s - 0.05
             code = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
             raise
         except Exception:

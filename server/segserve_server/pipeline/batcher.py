@@ -12,6 +12,8 @@ awaited on the loop, and their errors keep their status (UNAVAILABLE when no ser
 An asynchronous backend gets, per batch, the latest deadline of its requests (the time somebody
 still waits), and a batch in flight there is cancelled as soon as every one of its callers has
 gone (cancelled or expired): work nobody waits for does not hold a server.
+A drain (stop) runs everything accepted; when its budget runs out, `abandon` fails what is still
+running or queued with UNAVAILABLE, and only a batcher that held something logs it.
 Loop-bound objects (queue wake-up event, semaphore, task) are created in start().
 """
 
@@ -219,34 +221,68 @@ class Batcher:
         if future.cancelled():
             self._wakeup.set()
 
-    async def stop(self, timeout_s: float | None = None) -> None:
-        """Stops accepting; runs everything queued, then stops. After timeout_s, fails the rest."""
+    async def stop(self, timeout_s: float | None = None) -> int:
+        """Stops accepting; runs everything queued, then stops. After timeout_s, fails the rest
+        (UNAVAILABLE) and logs it, if anything was left. Returns how many requests it failed."""
         if not self._started:
-            return
+            return 0
         self._closing = True
         self._wakeup.set()
+        started_s = time.monotonic()
+        failed = 0
         try:
             async with asyncio.timeout(timeout_s):
                 await self._loop_task
                 if self._batches:
                     await asyncio.gather(*self._batches, return_exceptions=True)
         except TimeoutError:
-            log.warning(
-                "model %s: batches still running after %.1fs; failing them", self._name, timeout_s
+            failed = self.abandon(
+                ModelUnavailable(
+                    f"model {self._name} stopped before answering: drain timeout of "
+                    f"{timeout_s:g} s ran out; retry on another replica"
+                ),
+                waited_s=time.monotonic() - started_s,
             )
-            self._loop_task.cancel()
-            stopped = ModelUnavailable(
-                f"model {self._name} stopped before answering (drain timeout)"
-            )
-            for task, running in list(self._batches.items()):
-                for pending in running:
-                    _fail(pending.future, stopped)
-                task.cancel()
-            for queued in self._queue.keep(lambda q: False):
-                _fail(queued.item.future, stopped)
         finally:
+            self._loop_task.cancel()
+            for task in list(self._batches):
+                task.cancel()
             self._executor.shutdown(wait=False, cancel_futures=True)
             await self._backend.aclose()
+        return failed
+
+    def busy(self) -> tuple[int, int]:
+        """(requests in running batches, requests queued) that still wait for their answer."""
+        running = sum(not p.future.done() for batch in self._batches.values() for p in batch)
+        queued = sum(not q.item.future.done() for q in self._queue)
+        return running, queued
+
+    def abandon(self, error: SegserveError, *, waited_s: float) -> int:
+        """A drain's budget ran out: stops accepting and fails, with `error`, every request
+        still waiting, running or queued, now (while their callers can still be answered).
+        Logs it (with waited_s, the time the drain waited) only if there was one. Returns how
+        many requests it failed."""
+        if not self._started:
+            return 0
+        self._closing = True
+        self._wakeup.set()
+        running, queued = self.busy()
+        if running or queued:
+            log.warning(
+                "model %s: %d request(s) in running batches and %d queued still unanswered "
+                "after %.1fs; failing them (UNAVAILABLE)",
+                self._name,
+                running,
+                queued,
+                waited_s,
+            )
+        for task, batch in list(self._batches.items()):
+            for pending in batch:
+                _fail(pending.future, error)
+            task.cancel()
+        for left in self._queue.keep(lambda q: False):
+            _fail(left.item.future, error)
+        return running + queued
 
     def _alive(self, pending: _Pending, now: float) -> bool:
         """False for a request whose caller went away, whose deadline passed, or (a frame) that

@@ -17,12 +17,15 @@ Which models and which servers, from config.pbtxt `parameters` (string values):
 
 The servers must serve the model with the config's input and output (name, datatype, shape);
 `start` checks their metadata and fails the model with the mismatch otherwise.
+
+Once started, the backend is unavailable (`unavailable_reason`) while every server of the pool
+is ejected; the callbacks of `on_availability_change` are called when that starts and ends.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import numpy as np
@@ -106,6 +109,24 @@ class TritonBackend(AsyncBackend):
             probe_timeout_s=min(5.0, settings.triton_timeout_s),
             name=f"{config.name}:{version}",
         )
+        self._available = True
+        self._listeners: list[Callable[[], None]] = []
+        self.pool.on_change = self._pool_changed
+
+    def _pool_changed(self, live_count: int) -> None:
+        available = live_count > 0
+        if available == self._available:
+            return
+        self._available = available
+        for callback in list(self._listeners):
+            callback()
+
+    @property
+    def unavailable_reason(self) -> str:
+        return "" if self.pool.live else self.pool.unavailable_reason()
+
+    def on_availability_change(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
 
     @property
     def description(self) -> str:

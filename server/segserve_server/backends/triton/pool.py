@@ -15,7 +15,9 @@ counts against the server. A failure of the request itself (an invalid
 tensor; a model error on a healthy server) is not the server's fault and is raised at once.
 Only when no live server is left does a call fail, with ModelUnavailable (UNAVAILABLE). A
 background task probes the ejected servers every `health_interval_s` (server ready and model
-ready) and readmits those that pass.
+ready) and readmits those that pass; it probes the live ones too, and ejects one that fails,
+so a server that went away is ejected even while no call reaches it. `on_change(live_count)`
+(set by the backend) is called on the loop after every ejection and readmission.
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ class EndpointPool:
         self._retries = self._readmissions = 0
         self.deadline_expiries = 0  # calls ended by their callers' deadline (no server's fault)
         self._health_task: asyncio.Task[None] | None = None
+        self.on_change: Callable[[int], None] | None = None  # after each ejection / readmission
 
     @property
     def live(self) -> list[Endpoint]:
@@ -180,7 +183,7 @@ class EndpointPool:
             self._health_checks(), name=f"triton-health-{self._name}"
         )
         if not self.live:
-            raise ModelUnavailable(self._none_left())
+            raise ModelUnavailable(self.unavailable_reason())
 
     async def close(self) -> None:
         if self._health_task is not None:
@@ -225,7 +228,7 @@ class EndpointPool:
                     raise QueueFull(
                         f"every Triton server of model {self._name} refused the batch as busy"
                     )
-                raise ModelUnavailable(self._none_left())
+                raise ModelUnavailable(self.unavailable_reason())
             if tried:
                 self._retries += 1
             tried.add(endpoint)
@@ -275,6 +278,7 @@ class EndpointPool:
             len(self.live),
             len(self.endpoints),
         )
+        self._changed()
 
     def _readmit(self, endpoint: Endpoint) -> None:
         if endpoint.state is EndpointState.LIVE:
@@ -290,6 +294,14 @@ class EndpointPool:
             )
         endpoint.state = EndpointState.LIVE
         endpoint.reason = ""
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(len(self.live))
+            except Exception:
+                log.exception("model %s: the pool's on_change callback failed", self._name)
 
     async def _probe(self, endpoint: Endpoint) -> str | None:
         """None if the server and the model are ready, else why not."""
@@ -313,13 +325,21 @@ class EndpointPool:
         else:
             endpoint.reason = reason
 
+    async def _check(self, endpoint: Endpoint) -> None:
+        """Readmits an ejected server that passes its probe; ejects a live one that fails it."""
+        if endpoint.state is EndpointState.EJECTED:
+            await self._probe_and_readmit(endpoint)
+            return
+        reason = await self._probe(endpoint)
+        if reason is not None and endpoint.state is EndpointState.LIVE:
+            self.eject(endpoint, f"health check: {reason}")
+
     async def _health_checks(self) -> None:
         while True:
             await asyncio.sleep(self._health_interval_s)
-            ejected = [e for e in self.endpoints if e.state is EndpointState.EJECTED]
-            if ejected:
-                await asyncio.gather(*(self._probe_and_readmit(e) for e in ejected))
+            await asyncio.gather(*(self._check(e) for e in self.endpoints))
 
-    def _none_left(self) -> str:
+    def unavailable_reason(self) -> str:
+        """Why no call can be sent: "no Triton server is available for model ... (url: why)"."""
         reasons = "; ".join(f"{e.url}: {e.reason}" for e in self.endpoints)
         return f"no Triton server is available for model {self._name} ({reasons})"
