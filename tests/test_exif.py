@@ -20,7 +20,7 @@ from tritonclient.grpc import aio as ta
 from segserve.v1 import segserve_pb2 as pb
 from segserve.v1 import segserve_pb2_grpc as pb_grpc
 from segserve_client.masks import decode_srle
-from segserve_server.core.tensors import _image_options
+from segserve_server.core.tensor_types import image_options
 from segserve_server.errors import InvalidArgument
 from segserve_server.pipeline.decode import (
     ImageLimits,
@@ -234,10 +234,10 @@ def test_png_and_webp_exif_are_applied() -> None:
 
 
 def test_kserve_image_parameter() -> None:
-    assert _image_options({})[3] is False
-    assert _image_options({"ignore_exif_orientation": True})[3] is True
+    assert image_options({})[3] is False
+    assert image_options({"ignore_exif_orientation": True})[3] is True
     with pytest.raises(InvalidArgument, match="ignore_exif_orientation"):
-        _image_options({"ignore_exif_orientation": "yes"})
+        image_options({"ignore_exif_orientation": "yes"})
 
 
 # End to end ----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ LAYERS = {
     "segserve_server.settings": 1,
     "segserve_server.metrics": 1,
     "segserve_server.model_repository": 1,
+    "segserve_server.priorities": 1,
     "segserve_server.backends": 2,
     "segserve_server.pipeline": 3,
     "segserve_server.core": 4,

@@ -43,32 +43,17 @@ from segserve_server.errors import (
     SegserveError,
 )
 from segserve_server.model_repository import BatchingConfig
-from segserve_server.pipeline.scheduling import PriorityQueue, Queued, batch_deadline, plan_batch
+from segserve_server.pipeline.scheduling import (
+    Admission,
+    PriorityQueue,
+    Queued,
+    batch_deadline,
+    plan_batch,
+)
 
 __all__ = ["Admission", "BatchOutcome", "Batcher", "batch_deadline", "plan_batch"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Admission:
-    """How a request joins its model's queue (pipeline.scheduling has the rules)."""
-
-    priority: int = 0
-    """Triton's priority (1 is the highest); 0, or a level the model lacks: its default level."""
-    timeout_us: int = 0
-    """Triton's request `timeout`: a queue timeout, where the level's policy allows overrides."""
-    flow: Hashable | None = None
-    """Requests of one flow (a stream) take turns with other flows; None: a flow of its own."""
-    sequence: int = 0
-    """The request's place in its flow (frames: the order they were read)."""
-    latest: bool = False
-    """Stream policy LATEST: supersedes the flow's older queued requests (FrameDropped)."""
-    expires_s: float | None = None
-    """A frame's max age, on time.monotonic(): past it when its batch forms, FrameExpired."""
-    superseded: Callable[[], bool] | None = field(default=None, compare=False)
-    """LATEST: true once a newer frame of the flow has been read; checked before decoding, so
-    that a frame already out of date costs no decode."""
 
 
 @dataclass(frozen=True)
