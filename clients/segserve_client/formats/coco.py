@@ -23,6 +23,8 @@ from typing import Any, TypedDict
 import numpy as np
 import numpy.typing as npt
 
+from segserve_client.formats._arrays import as_labels, as_mask
+
 __all__ = [
     "CocoClassMask",
     "CocoRle",
@@ -54,24 +56,6 @@ class CocoClassMask(TypedDict):
     bbox: list[int]
 
 
-def _as_mask(mask: npt.ArrayLike) -> npt.NDArray[np.bool_]:
-    array = np.asarray(mask)
-    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"a mask is a non-empty 2-D array, got shape {array.shape}")
-    if array.dtype != np.bool_:
-        array = array != 0
-    return array
-
-
-def _as_labels(labels: npt.ArrayLike) -> npt.NDArray[np.integer[Any]]:
-    array = np.asarray(labels)
-    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"a label map is a non-empty 2-D array, got shape {array.shape}")
-    if not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"a label map holds integer class ids, got {array.dtype}")
-    return array
-
-
 def _runs_of_flat(flat: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
     """Alternating run lengths of a flat bool array, starting with a (possibly empty) False run."""
     changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
@@ -87,7 +71,7 @@ def _runs_of_flat(flat: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
 
 def coco_counts(mask: npt.ArrayLike) -> npt.NDArray[np.int64]:
     """The uncompressed COCO counts of a 2-D mask (column-major, starting with background)."""
-    array = _as_mask(mask)
+    array = as_mask(mask)
     return _runs_of_flat(array.T.reshape(-1))
 
 
@@ -151,7 +135,7 @@ def _rle_from_counts(counts: npt.NDArray[np.int64], height: int, width: int) -> 
 
 def coco_rle(mask: npt.ArrayLike) -> CocoRle:
     """A 2-D mask (bool, or non-zero = set) as a compressed COCO RLE, as pycocotools encodes it."""
-    array = _as_mask(mask)
+    array = as_mask(mask)
     height, width = array.shape
     return _rle_from_counts(_runs_of_flat(array.T.reshape(-1)), height, width)
 
@@ -188,7 +172,7 @@ def coco_rle_per_class(
     `class_ids` None: the classes present, in increasing order. Given: those classes in that
     order, an absent one as an empty mask (counts [H*W], area 0, bbox [0, 0, 0, 0]).
     """
-    array = _as_labels(labels)
+    array = as_labels(labels)
     height, width = array.shape
     total = height * width
     flat = np.ascontiguousarray(array.T).reshape(-1)

@@ -29,6 +29,8 @@ from typing import Any, Literal, TypedDict
 import numpy as np
 import numpy.typing as npt
 
+from segserve_client.formats._arrays import as_labels, as_mask
+
 __all__ = [
     "CvatShape",
     "connected_regions",
@@ -49,24 +51,6 @@ class CvatShape(TypedDict):
     points: list[int]
 
 
-def _as_mask(mask: npt.ArrayLike) -> npt.NDArray[np.bool_]:
-    array = np.asarray(mask)
-    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"a mask is a non-empty 2-D array, got shape {array.shape}")
-    if array.dtype != np.bool_:
-        array = array != 0
-    return array
-
-
-def _as_labels(labels: npt.ArrayLike) -> npt.NDArray[np.integer[Any]]:
-    array = np.asarray(labels)
-    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"a label map is a non-empty 2-D array, got shape {array.shape}")
-    if not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"a label map holds integer class ids, got {array.dtype}")
-    return array
-
-
 def _box(mask: npt.NDArray[np.bool_]) -> tuple[int, int, int, int]:
     """The tight box [x1, x2) x [y1, y2) of a mask; CVAT's 1x1 box at (0, 0) when empty."""
     rows = np.flatnonzero(mask.any(axis=1))
@@ -78,7 +62,7 @@ def _box(mask: npt.NDArray[np.bool_]) -> tuple[int, int, int, int]:
 
 def cvat_mask(mask: npt.ArrayLike) -> list[int]:
     """A 2-D mask as CVAT mask `points`, exactly as `cvat_sdk.masks.encode_mask` makes them."""
-    array = _as_mask(mask)
+    array = as_mask(mask)
     x1, y1, x2, y2 = _box(array)
     flat = np.ascontiguousarray(array[y1:y2, x1:x2]).reshape(-1)
     changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
@@ -125,7 +109,7 @@ def cvat_bitmap(mask: npt.ArrayLike) -> list[int]:
 
     An empty mask gives the same 1x1 box at (0, 0) as `cvat_mask`: `[0, 0, 0, 0, 0]`.
     """
-    array = _as_mask(mask)
+    array = as_mask(mask)
     x1, y1, x2, y2 = _box(array)
     pixels = np.ascontiguousarray(array[y1:y2, x1:x2]).view(np.uint8).tobytes()
     return [*pixels, x1, y1, x2 - 1, y2 - 1]
@@ -247,7 +231,7 @@ def connected_regions(
     mask, 1..n inside in row-major order of each region's first pixel; and n."""
     if connectivity not in (4, 8):
         raise ValueError(f"connectivity is 4 or 8, got {connectivity}")
-    array = _as_mask(mask)
+    array = as_mask(mask)
     runs = _RowRuns(array.view(np.uint8))
     inside = runs.values != 0
     rows, x0, x1 = runs.rows[inside], runs.x0[inside], runs.x1[inside]
@@ -276,7 +260,7 @@ def cvat_masks_per_class(
     """
     if connectivity not in (None, 4, 8):
         raise ValueError(f"connectivity is None, 4 or 8, got {connectivity}")
-    array = _as_labels(labels)
+    array = as_labels(labels)
     runs = _RowRuns(array)
     order = np.argsort(runs.values, kind="stable")
     sorted_values = runs.values[order]
