@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import shutil
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -242,3 +247,42 @@ def triton_servers(triton_install, tmp_path_factory: pytest.TempPathFactory):
     finally:
         for triton in servers:
             triton.kill()  # graceful stops take 4-6 s each; nothing is left to answer here
+
+
+async def start_cli_server(
+    repository: Path, *, drain_timeout_s: float
+) -> tuple[subprocess.Popen[str], int, int]:
+    """A real `segserve serve` subprocess on 127.0.0.1 (ports picked by the OS); returns it with
+    its gRPC and metrics ports once it logs that it listens."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "segserve_server.cli",
+            "serve",
+            "--model-repository",
+            str(repository),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--drain-timeout-s",
+            f"{drain_timeout_s:g}",
+            "--ort-intra-op-threads",
+            "1",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = await asyncio.to_thread(process.stderr.readline)
+        if match := re.search(r"listening on 127\.0\.0\.1:(\d+) \(metrics on (\d+)\)", line):
+            return process, int(match.group(1)), int(match.group(2))
+        if not line and process.poll() is not None:
+            break
+    process.kill()
+    raise AssertionError("segserve serve did not start")

@@ -16,7 +16,6 @@ from typing import Any
 import grpc
 import httpx
 import numpy as np
-import onnx
 import pytest
 
 from segserve_client import (
@@ -34,8 +33,8 @@ from segserve_client.integrations.labelstudio import create_app as labelstudio_a
 from segserve_server.server import Server
 from tests.conftest import H, W, encode, make_settings, quadrant_image
 from tests.harness.http_apps import serving
-from tests.harness.synthetic_models import write_entry
-from tests.test_confidence import _tool, soft_image, with_confidence_output
+from tests.harness.synthetic_models import write_confidence_entry, write_entry
+from tests.test_confidence import soft_image
 
 MODEL = "colour_confident"
 LABEL_CONFIG = """
@@ -52,11 +51,7 @@ LABEL_CONFIG = """
 @pytest.fixture(scope="module")
 async def target(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
     root = tmp_path_factory.mktemp("client-confidence-repository")
-    entry = write_entry(root, MODEL, H, W, max_batch_size=4)
-    model = onnx.load(entry / "1" / "model.onnx")
-    onnx.save(_tool().add_confidence(model), entry / "1" / "model.onnx")
-    config = entry / "config.pbtxt"
-    config.write_text(with_confidence_output(config.read_text()))
+    write_confidence_entry(root, MODEL, H, W, max_batch_size=4)
     write_entry(root, "colour_logits", H, W, output="logits", max_batch_size=4)
     write_entry(root, "colour", H, W, max_batch_size=4)
     server = Server(make_settings(root, metrics_port=None))

@@ -4,14 +4,12 @@ and a labels-only model (FAILED_PRECONDITION)."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import cv2
 import grpc
 import numpy as np
-import onnx
 import pytest
 
 from segserve.v1 import segserve_pb2 as pb
@@ -20,36 +18,22 @@ from segserve_client.masks import decode_png
 from segserve_server.errors import ModelConfigError
 from segserve_server.model_repository import parse_config
 from segserve_server.server import Server
-from tests.conftest import ROOT, H, W, encode, make_settings
-from tests.harness.synthetic_models import config_pbtxt, write_entry
+from tests.conftest import H, W, encode, make_settings
+from tests.harness.synthetic_models import (
+    confidence_output,
+    config_pbtxt,
+    with_second_output,
+    write_confidence_entry,
+    write_entry,
+)
 
-CONFIDENCE_OUTPUT = f'{{ name: "confidence" data_type: TYPE_UINT8 dims: [ {H}, {W} ] }}'
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "add_confidence", ROOT / "tools" / "add_confidence.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def with_confidence_output(text: str) -> str:
-    start = text.index("output [ {") + len("output [ ")
-    end = text.index("} ]", start) + 1
-    return text[:end] + ", " + CONFIDENCE_OUTPUT + text[end:]
+CONFIDENCE_OUTPUT = confidence_output(H, W)
 
 
 @pytest.fixture(scope="module")
 async def confident(tmp_path_factory) -> AsyncIterator[tuple[Server, pb_grpc.SegmentationStub]]:
     root = tmp_path_factory.mktemp("confidence-repository")
-    entry = write_entry(root, "colour_confident", H, W, max_batch_size=4)
-    model = onnx.load(entry / "1" / "model.onnx")
-    onnx.save(_tool().add_confidence(model), entry / "1" / "model.onnx")
-    config = entry / "config.pbtxt"
-    config.write_text(with_confidence_output(config.read_text()))
+    write_confidence_entry(root, "colour_confident", H, W, max_batch_size=4)
     write_entry(root, "colour_logits", H, W, output="logits", max_batch_size=4)
     write_entry(root, "colour", H, W, max_batch_size=4)
     server = Server(make_settings(root, metrics_port=None))
@@ -160,21 +144,16 @@ async def test_kserve_raw_route_answers_both_outputs(confident):
 @pytest.mark.parametrize(
     ("second", "message"),
     [
-        (f'{{ name: "confidence" data_type: TYPE_FP32 dims: [ {H}, {W} ] }}', "TYPE_UINT8"),
-        (f'{{ name: "confidence" data_type: TYPE_UINT8 dims: [ {H}, {W + 1} ] }}', "labels' dims"),
+        (confidence_output(H, W, data_type="TYPE_FP32"), "TYPE_UINT8"),
+        (confidence_output(H, W + 1), "labels' dims"),
     ],
 )
 def test_bad_confidence_outputs_are_named(tmp_path: Path, second: str, message: str):
     model_dir = tmp_path / "m"
     model_dir.mkdir()
     (model_dir / "labels.txt").write_text("a\nb\nc\nd\ne\n")
-    text = config_pbtxt("m", H, W).replace(CONFIDENCE_OUTPUT, "")
-    start = text.index("output [ {") + len("output [ ")
-    end = text.index("} ]", start) + 1
     with pytest.raises(ModelConfigError, match=message):
-        parse_config(text[:end] + ", " + second + text[end:], model_dir)
+        parse_config(with_second_output(config_pbtxt("m", H, W), second), model_dir)
     logits = config_pbtxt("m", H, W, output="logits")
-    start = logits.index("output [ {") + len("output [ ")
-    end = logits.index("} ]", start) + 1
     with pytest.raises(ModelConfigError, match="scores model"):
-        parse_config(logits[:end] + ", " + CONFIDENCE_OUTPUT + logits[end:], model_dir)
+        parse_config(with_second_output(logits, CONFIDENCE_OUTPUT), model_dir)

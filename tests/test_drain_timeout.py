@@ -11,8 +11,6 @@ import asyncio
 import logging
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import grpc
@@ -23,7 +21,7 @@ from segserve.v1 import segserve_pb2_grpc as pb_grpc
 from segserve_server.cli import EXIT_DRAIN_TIMEOUT
 from segserve_server.pipeline.batcher import Batcher
 from segserve_server.server import Server
-from tests.conftest import encode, make_settings, quadrant_image
+from tests.conftest import encode, make_settings, quadrant_image, start_cli_server
 from tests.test_operations import _until_accepted
 
 PNG = encode(quadrant_image())
@@ -32,47 +30,12 @@ MESSAGE = "drain timeout of 1 s ran out"
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
 
-async def _start(repository, drain_timeout_s: float) -> tuple[subprocess.Popen[str], int, int]:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "segserve_server.cli",
-            "serve",
-            "--model-repository",
-            str(repository),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--drain-timeout-s",
-            f"{drain_timeout_s:g}",
-            "--ort-intra-op-threads",
-            "1",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stderr is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = await asyncio.to_thread(process.stderr.readline)
-        if match := re.search(r"listening on 127\.0\.0\.1:(\d+) \(metrics on (\d+)\)", line):
-            return process, int(match.group(1)), int(match.group(2))
-        if not line and process.poll() is not None:
-            break
-    process.kill()
-    raise AssertionError("segserve serve did not start")
-
-
 def _timeout_lines(log: str) -> list[str]:
     return [line for line in log.splitlines() if "unanswered after" in line]
 
 
 async def test_sigterm_drain_timeout_answers_with_segserves_message_and_exits_1(repository):
-    process, port, metrics_port = await _start(repository, DRAIN_S)
+    process, port, metrics_port = await start_cli_server(repository, drain_timeout_s=DRAIN_S)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.SegmentationStub(channel)
@@ -124,7 +87,7 @@ async def test_sigterm_drain_timeout_answers_with_segserves_message_and_exits_1(
 
 
 async def test_sigterm_drain_with_nothing_running_exits_0_and_logs_no_timeout(repository):
-    process, port, _ = await _start(repository, DRAIN_S)
+    process, port, _ = await start_cli_server(repository, drain_timeout_s=DRAIN_S)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.SegmentationStub(channel)

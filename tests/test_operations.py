@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -20,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from segserve.v1 import segserve_pb2 as pb
 from segserve.v1 import segserve_pb2_grpc as pb_grpc
-from tests.conftest import encode, quadrant_image
+from tests.conftest import encode, quadrant_image, start_cli_server
 
 PNG = encode(quadrant_image())
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -90,41 +88,6 @@ async def test_metrics_count_requests_stages_and_batches(server, stub):
     assert sample(after, "segserve_model_ready", model="missing_file", version="1") == 0
 
 
-async def _start_cli_server(repository) -> tuple[subprocess.Popen[str], int, int]:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "segserve_server.cli",
-            "serve",
-            "--model-repository",
-            str(repository),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--drain-timeout-s",
-            "20",
-            "--ort-intra-op-threads",
-            "1",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stderr is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = await asyncio.to_thread(process.stderr.readline)
-        if match := re.search(r"listening on 127\.0\.0\.1:(\d+) \(metrics on (\d+)\)", line):
-            return process, int(match.group(1)), int(match.group(2))
-        if not line and process.poll() is not None:
-            break
-    process.kill()
-    raise AssertionError("segserve serve did not start")
-
-
 async def _until_accepted(metrics_port: int, model: str, count: int) -> None:
     """Waits until the server has accepted `count` requests of `model`: each one is counted in
     flight from the moment its handler takes it until it is answered, then by status code."""
@@ -147,7 +110,7 @@ async def _until_accepted(metrics_port: int, model: str, count: int) -> None:
 
 
 async def test_sigterm_drains_everything_accepted(repository):
-    process, port, metrics_port = await _start_cli_server(repository)
+    process, port, metrics_port = await start_cli_server(repository, drain_timeout_s=20)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.SegmentationStub(channel)

@@ -194,3 +194,35 @@ def write_entry(
         (model_dir / str(version)).mkdir(exist_ok=True)
         onnx.save(model, model_dir / str(version) / "model.onnx")
     return model_dir
+
+
+def confidence_output(
+    height: int, width: int, *, data_type: str = "TYPE_UINT8", name: str = "confidence"
+) -> str:
+    """The config.pbtxt text of a confidence output (uint8 with the labels' dims is valid)."""
+    return f'{{ name: "{name}" data_type: {data_type} dims: [ {height}, {width} ] }}'
+
+
+def with_second_output(text: str, output: str) -> str:
+    """config.pbtxt text with `output` (a `{ ... }` block) added after its first output."""
+    start = text.index("output [ {") + len("output [ ")
+    end = text.index("} ]", start) + 1
+    return text[:end] + ", " + output + text[end:]
+
+
+def write_confidence_entry(
+    root: Path, name: str, height: int, width: int, *, max_batch_size: int = 8
+) -> Path:
+    """A label model (write_entry's) with a confidence output added to its graph beside the
+    argmax, as the bundled models have it, and declared in its config.pbtxt."""
+    from segserve_server.training.confidence import add_confidence
+
+    entry = write_entry(root, name, height, width, max_batch_size=max_batch_size)
+    for version_dir in (p for p in entry.iterdir() if p.is_dir()):
+        path = version_dir / "model.onnx"
+        onnx.save(add_confidence(onnx.load(path)), path)
+    config_path = entry / "config.pbtxt"
+    config_path.write_text(
+        with_second_output(config_path.read_text(), confidence_output(height, width))
+    )
+    return entry
