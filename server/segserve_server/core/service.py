@@ -238,7 +238,8 @@ class SegmentationCore:
         batch = request.batch
         if batch.ndim == 0 or batch.shape[0] == 0:
             raise InvalidArgument(
-                f"model {request.model!r}: the input has an empty batch (shape {list(batch.shape)})"
+                f"input {model.config.input_name!r} of model {request.model!r} has an empty batch "
+                f"(shape {list(batch.shape)})"
             )
         outcomes: list[BatchOutcome] = await gather_or_cancel(
             model.batcher.submit(np.ascontiguousarray(batch[i]), deadline_s, request.admission)

@@ -289,10 +289,6 @@ class TensorAPI:
             raise InvalidArgument(
                 f"batch size {count} of model {route.name!r} exceeds its max_batch_size {limit}"
             )
-        if count == 0:
-            raise InvalidArgument(
-                f"input {config.input_name!r} has an empty batch (shape {list(batch.shape)})"
-            )
         output = await self._core.infer_tensors(
             TensorInput(config.name, batch, version.version, admission_of(request.parameters)),
             deadline_s,
