@@ -25,6 +25,7 @@ LAYERS = {
     "segserve_server": 0,  # __init__ (the version)
     "segserve_server.errors": 0,
     "segserve_server.cpus": 0,
+    "segserve_server.logs": 0,
     "segserve_server.settings": 1,
     "segserve_server.metrics": 1,
     "segserve_server.model_repository": 1,

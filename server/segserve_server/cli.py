@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +46,7 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    from segserve_server.logs import configure_logging
     from segserve_server.server import serve
     from segserve_server.settings import load_settings
     from segserve_server.settings_cli import overrides_of
@@ -56,9 +56,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         print(f"segserve: invalid settings: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     return EXIT_OK if asyncio.run(serve(settings)) else EXIT_DRAIN_TIMEOUT
 
 

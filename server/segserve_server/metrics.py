@@ -1,10 +1,23 @@
-"""Prometheus metrics of one server instance, in a registry of its own, served on /metrics."""
+"""Prometheus metrics of one server instance, in a registry of its own, served on /metrics.
+
+Beside segserve's own families the registry carries the process's (`process_resident_memory_bytes`,
+`process_cpu_seconds_total`, `process_open_fds`, ...), Python's (`python_info`, `python_gc_*`)
+collectors. The metrics port serves only these aggregates: no request data, no model inputs."""
 
 from __future__ import annotations
 
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 
 __all__ = ["BATCH_BUCKETS", "LATENCY_BUCKETS_S", "STAGES", "Metrics"]
 
@@ -37,6 +50,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # RSS, CPU seconds, open and max fds, start time
+        r.register(PLATFORM_COLLECTOR)
+        r.register(GC_COLLECTOR)
         self.requests = Counter(
             "segserve_requests",
             "Segmentation requests answered, by model and gRPC status code.",

@@ -143,8 +143,18 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(30.0, gt=0)
     """On SIGTERM/SIGINT, how long accepted requests get to finish before the server exits."""
 
+    repository_poll_interval_s: float | None = Field(None, gt=0)
+    """How often the model repository is scanned for added, changed and removed models and
+    versions, which are then loaded or unloaded while the server runs (Triton's
+    --model-control-mode=poll). "off" (the default): the repository is read at start, and after
+    that only the explicit load and unload calls change what is served."""
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Logging level."""
+
+    log_format: Literal["text", "json"] = "text"
+    """Log lines as text, or as one JSON object per line (time, level, logger, message, and the
+    exception's traceback) for log collectors."""
 
     @field_validator("model_repository")
     @classmethod
