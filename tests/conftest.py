@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import cv2
@@ -250,10 +250,11 @@ def triton_servers(triton_install, tmp_path_factory: pytest.TempPathFactory):
 
 
 async def start_cli_server(
-    repository: Path, *, drain_timeout_s: float
+    repository: Path, *, drain_timeout_s: float, extra_args: Sequence[str] = ()
 ) -> tuple[subprocess.Popen[str], int, int]:
-    """A real `segserve serve` subprocess on 127.0.0.1 (ports picked by the OS); returns it with
-    its gRPC and metrics ports once it logs that it listens."""
+    """A real `segserve serve` subprocess on 127.0.0.1 (ports picked by the OS; `extra_args`
+    appended to its flags); returns it with its gRPC and metrics ports once it logs that it
+    listens."""
     process = subprocess.Popen(
         [
             sys.executable,
@@ -272,6 +273,7 @@ async def start_cli_server(
             f"{drain_timeout_s:g}",
             "--ort-intra-op-threads",
             "1",
+            *extra_args,
         ],
         stderr=subprocess.PIPE,
         text=True,
