@@ -15,6 +15,7 @@ from segserve_client.aio import AsyncSegserveClient
 from segserve_client.client import SegserveClient
 from segserve_client.confidence import ImageScores
 from segserve_client.errors import FrameFailed, SegserveError
+from segserve_client.security import TLSConfig
 from segserve_client.streaming import (
     FrameDropped,
     FrameExpired,
@@ -50,4 +51,5 @@ __all__ = [
     "SegserveError",
     "StageTimings",
     "StreamFrame",
+    "TLSConfig",
 ]

@@ -20,6 +20,7 @@ import grpc.aio
 from segserve.v1 import segserve_pb2 as pb
 from segserve.v1 import segserve_pb2_grpc as pb_grpc
 from segserve_client.errors import SegserveError, rpc_errors
+from segserve_client.security import TLSConfig, aio_channel
 from segserve_client.types import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Choice,
@@ -53,14 +54,18 @@ class AsyncSegserveClient:
         timeout_s: float | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         credentials: grpc.ChannelCredentials | None = None,
+        tls: TLSConfig | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        options = channel_options(max_message_bytes)
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+        self._channel = aio_channel(
+            target,
+            channel_options(max_message_bytes),
+            tls=tls,
+            credentials=credentials,
+            token=token,
+        )
         # The generated stub has no annotations (protoc's grpc plugin writes none).
         self._stub = pb_grpc.SegmentationStub(self._channel)  # type: ignore[no-untyped-call]
 

@@ -8,7 +8,9 @@
 Each subcommand is one entry of COMMANDS: its help, a function adding its arguments and a
 function running it with a connected client; `bench` (segserve_client.bench) and `stream`
 (segserve_client.play) live in packages of their own. Every subcommand takes --server (default
-$SEGSERVE_SERVER or localhost:50051), --timeout and --json.
+$SEGSERVE_SERVER or localhost:50051), --timeout and --json, and the TLS and token flags
+(--tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name, --token or $SEGSERVE_TOKEN;
+`segserve_client.security`).
 Exit status: 0 done, 1 a failed call (printed as `error: CODE: details`) or a local failure,
 2 a usage error.
 """
@@ -34,6 +36,7 @@ from segserve_client.integrations import cvat as cvat_function
 from segserve_client.integrations import labelstudio
 from segserve_client.masks import encode_png
 from segserve_client.overlay import color_table, load_image_rgb, overlay, save_image_rgb
+from segserve_client.security import add_security_arguments, security_of
 from segserve_client.types import ENCODINGS, OUTPUT_SIZES, ModelInfo, Segmentation
 
 __all__ = [
@@ -319,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_positive_float, metavar="S", help="deadline of each call in seconds"
     )
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_security_arguments(common)
     parser = argparse.ArgumentParser(
         prog="segserve-client", description="Segment images with a segserve server."
     )
@@ -345,7 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
-        with SegserveClient(args.server, timeout_s=args.timeout) as client:
+        tls, token = security_of(args)
+        with SegserveClient(args.server, timeout_s=args.timeout, tls=tls, token=token) as client:
             run: Callable[[argparse.Namespace, SegserveClient], int] = args.run  # Command.run
             return run(args, client)
     except UsageError as exc:

@@ -19,6 +19,7 @@ import grpc
 from segserve.v1 import segserve_pb2 as pb
 from segserve.v1 import segserve_pb2_grpc as pb_grpc
 from segserve_client.errors import SegserveError, rpc_errors
+from segserve_client.security import TLSConfig, sync_channel
 from segserve_client.types import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Choice,
@@ -43,7 +44,9 @@ class SegserveClient:
     """A blocking client of one segserve server, over one gRPC channel (thread-safe).
 
     `timeout_s` is the default deadline of each unary call (None: no deadline); the channel is
-    TLS when `credentials` (grpc.ssl_channel_credentials(...)) are given, plaintext otherwise.
+    TLS when `tls` (a TLSConfig: CA file, client certificate for mutual TLS, server name) or
+    ready-made `credentials` (grpc.ssl_channel_credentials(...)) are given, plaintext otherwise.
+    `token` (default: $SEGSERVE_TOKEN; '': none) goes with every call as a bearer token.
     """
 
     def __init__(
@@ -53,14 +56,18 @@ class SegserveClient:
         timeout_s: float | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         credentials: grpc.ChannelCredentials | None = None,
+        tls: TLSConfig | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        options = channel_options(max_message_bytes)
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._channel = sync_channel(
+            target,
+            channel_options(max_message_bytes),
+            tls=tls,
+            credentials=credentials,
+            token=token,
+        )
         # The generated stub has no annotations (protoc's grpc plugin writes none).
         self._stub = pb_grpc.SegmentationStub(self._channel)  # type: ignore[no-untyped-call]
 

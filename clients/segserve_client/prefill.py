@@ -30,6 +30,7 @@ from segserve_client.aio import AsyncSegserveClient
 from segserve_client.client import SegserveClient
 from segserve_client.errors import SegserveError
 from segserve_client.exports import ANNOTATION_OF_FORMAT, EXPORT_FORMATS, ImageRecord, write_export
+from segserve_client.security import security_of
 from segserve_client.types import Segmentation
 
 __all__ = ["IMAGE_SUFFIXES", "add_arguments", "list_images", "prefill", "run", "state_path"]
@@ -149,7 +150,10 @@ async def prefill(args: argparse.Namespace) -> dict[str, Any]:
     failed: dict[str, str] = {}
     annotation = ANNOTATION_OF_FORMAT[fmt]
     key = "coco_rle_counts" if annotation == "coco_rle" else annotation  # ClassAnnotation's
-    async with AsyncSegserveClient(args.server, timeout_s=args.timeout) as client:
+    tls, token = security_of(args)
+    async with AsyncSegserveClient(
+        args.server, timeout_s=args.timeout, tls=tls, token=token
+    ) as client:
         info = await client.get_model(args.model)
         semaphore = asyncio.Semaphore(args.concurrency)
         progress = _progress(len(names), resumed)

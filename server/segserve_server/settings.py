@@ -8,10 +8,11 @@ the fields, `cli_flags`), so none of them is written twice.
 from __future__ import annotations
 
 import re
+import ssl
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -20,9 +21,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from segserve_server.auth import load_tokens
 from segserve_server.cpus import available_cpus
 
-__all__ = ["MIB", "Settings", "check_url", "load_settings"]
+__all__ = ["MIB", "Settings", "check_tls_files", "check_url", "load_settings"]
 
 MIB = 1024 * 1024
 _URL = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
@@ -35,6 +37,43 @@ def check_url(url: str) -> str:
     if match is None or not 0 < int(match.group(2)) < 65536:
         raise ValueError(f"Triton URL {url!r} is not host:port (the server's gRPC port, no scheme)")
     return url
+
+
+class _Secret(str):
+    """A token string whose repr hides it (what validation errors print of their input)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'<hidden>'"
+
+
+def check_tls_files(cert: Path | None, key: Path | None, client_ca: Path | None) -> None:
+    """Raises ValueError naming the file unless the certificate, key and client CA given exist
+    and load (the key matching the certificate)."""
+    for what, path in (
+        ("tls_cert_file", cert),
+        ("tls_key_file", key),
+        ("tls_client_ca_file", client_ca),
+    ):
+        if path is not None and not path.is_file():
+            raise ValueError(f"{what} {str(path)!r} is not a file")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if cert is not None and key is not None:
+        try:
+            context.load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(
+                f"tls_cert_file {str(cert)!r} and tls_key_file {str(key)!r} do not load as a "
+                f"PEM certificate chain and its key: {exc}"
+            ) from exc
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(
+                f"tls_client_ca_file {str(client_ca)!r} does not load as PEM CA certificates: {exc}"
+            ) from exc
 
 
 class Settings(BaseSettings):
@@ -59,10 +98,40 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(9464, ge=0, le=65535)
     """Port of the Prometheus /metrics HTTP endpoint; 0 picks a free port; "off" disables it."""
 
+    metrics_host: str | None = None
+    """Address the metrics server binds to, when not `host` (e.g. an internal interface: the
+    metrics port has no TLS and no authentication; it carries counts and timings, no request
+    data)."""
+
     kserve_port: int | None = Field(8001, ge=0, le=65535)
     """gRPC port of the KServe v2 / Triton protocol (inference.GRPCInferenceService, as Triton's
     own 8001): every model with raw tensors, and `<model>.image` with encoded images. 0 picks a
     free port; "off" disables it."""
+
+    tls_cert_file: Path | None = None
+    """PEM certificate chain of the gRPC ports (both): with tls_key_file, every gRPC port speaks
+    TLS only. Both or neither; checked at start to exist and to load with the key."""
+
+    tls_key_file: Path | None = Field(None, validate_default=True)
+    """PEM private key of tls_cert_file (keep it readable by the server's user only)."""
+
+    tls_client_ca_file: Path | None = Field(None, validate_default=True)
+    """PEM CA certificates for mutual TLS: every client must present a certificate this CA
+    signed (needs tls_cert_file and tls_key_file). "off" (the default): no client certificate."""
+
+    auth_tokens_file: Path | None = None
+    """TOML file of the bearer tokens accepted (per token: name, sha256 or secret, and optional
+    models, admin, rate_per_s, burst; see docs/security.md). With it or auth_tokens, every call
+    needs `authorization: Bearer <token>`; "off" (the default, with no auth_tokens): no
+    authentication."""
+
+    auth_tokens: str | None = Field(None, repr=False)
+    """More tokens, as comma-separated name=token pairs (every model, no admin, no rate limit):
+    give them in the environment (SEGSERVE_AUTH_TOKENS), not the flag, which `ps` shows."""
+
+    health_requires_auth: bool = False
+    """Require a token for gRPC health, reflection and KServe ServerLive / ServerReady too (by
+    default they are open, for load balancers and orchestrators)."""
 
     kserve_max_images_per_request: int = Field(64, ge=1)
     """Most images one KServe `<model>.image` request may carry (its IMAGE_BYTES batch)."""
@@ -175,6 +244,44 @@ class Settings(BaseSettings):
     @classmethod
     def _check_urls(cls, value: list[str]) -> list[str]:
         return [check_url(url) for url in value]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mask_tokens(cls, data: object) -> object:
+        """auth_tokens holds secrets: a validation error shows its input as asterisks."""
+        if isinstance(data, dict) and isinstance(data.get("auth_tokens"), str):
+            data = {**data, "auth_tokens": _Secret(data["auth_tokens"])}
+        return data
+
+    @field_validator("tls_key_file")
+    @classmethod
+    def _check_tls_pair(cls, key: Path | None, info: ValidationInfo) -> Path | None:
+        cert = info.data.get("tls_cert_file")
+        if (cert is None) != (key is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: give both or neither")
+        check_tls_files(cert, key, None)
+        return key
+
+    @field_validator("tls_client_ca_file")
+    @classmethod
+    def _check_client_ca(cls, client_ca: Path | None, info: ValidationInfo) -> Path | None:
+        if client_ca is not None and info.data.get("tls_key_file") is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        check_tls_files(None, None, client_ca)
+        return client_ca
+
+    @field_validator("auth_tokens_file")
+    @classmethod
+    def _check_tokens_file(cls, path: Path | None) -> Path | None:
+        load_tokens(file=path)
+        return path
+
+    @field_validator("auth_tokens")
+    @classmethod
+    def _check_tokens(cls, tokens: str | None, info: ValidationInfo) -> str | None:
+        """The tokens parse, and with the file's make one table (unique names and tokens)."""
+        load_tokens(file=info.data.get("auth_tokens_file"), env=tokens)
+        return None if tokens is None else str(tokens)
 
     @field_validator("log_level", mode="before")
     @classmethod

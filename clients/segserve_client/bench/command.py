@@ -16,6 +16,7 @@ from segserve_client.bench.images import CAMVID_ENV, default_image_folder, load_
 from segserve_client.bench.loadgen import Limits, Load, run_bench
 from segserve_client.bench.report import format_point, plot_latency_throughput
 from segserve_client.bench.targets import SegserveTarget, Target, TritonTarget
+from segserve_client.security import security_of
 from segserve_client.types import ENCODINGS
 
 __all__ = [
@@ -117,7 +118,15 @@ def make_target(args: argparse.Namespace) -> Target[Any]:
     """The target `--protocol` names, at `--server`."""
     if args.protocol == "triton":
         return TritonTarget(args.server, args.model, timeout_s=args.timeout)
-    return SegserveTarget(args.server, args.model, encoding=args.encoding, timeout_s=args.timeout)
+    tls, token = security_of(args)
+    return SegserveTarget(
+        args.server,
+        args.model,
+        encoding=args.encoding,
+        timeout_s=args.timeout,
+        tls=tls,
+        token=token,
+    )
 
 
 def run(args: argparse.Namespace, client: object = None) -> int:

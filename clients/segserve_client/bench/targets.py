@@ -18,6 +18,7 @@ import numpy as np
 from segserve.v1 import segserve_pb2 as pb
 from segserve_client.bench.results import STAGES, CallFailed, Reply
 from segserve_client.errors import status_code
+from segserve_client.security import TLSConfig, aio_channel
 from segserve_client.types import ENCODINGS, channel_options
 
 __all__ = [
@@ -82,9 +83,16 @@ class SegserveTarget(Target[bytes]):
     SEGMENT_STREAM = "/segserve.v1.Segmentation/SegmentStream"
 
     def __init__(
-        self, address: str, model: str, *, encoding: str = "srle", timeout_s: float | None = None
+        self,
+        address: str,
+        model: str,
+        *,
+        encoding: str = "srle",
+        timeout_s: float | None = None,
+        tls: TLSConfig | None = None,
+        token: str | None = None,
     ) -> None:
-        self._channel = grpc.aio.insecure_channel(address, options=channel_options(256 << 20))
+        self._channel = aio_channel(address, channel_options(256 << 20), tls=tls, token=token)
         self._model = model
         self._encoding = ENCODINGS[encoding]
         self._timeout_s = timeout_s

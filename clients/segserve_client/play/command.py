@@ -34,6 +34,7 @@ from segserve_client.play.overlay_video import write_overlay_video
 from segserve_client.play.pacing import Schedule, choose_fps
 from segserve_client.play.sources import Source, load_source, opencv
 from segserve_client.play.stats import StreamStats, format_summary, status_line, summarize, totals
+from segserve_client.security import security_of
 from segserve_client.streaming import POLICIES, StreamFrame, now_us
 from segserve_client.types import ENCODINGS, Segmentation
 
@@ -342,9 +343,12 @@ def run(args: argparse.Namespace, client: object = None) -> int:
         keep_answers=overlay_video is not None,
     )
     printer = None if args.quiet else StatusPrinter(sys.stderr)
+    tls, token = security_of(args)
 
     async def main() -> tuple[PlayResult, list[tuple[int, int, int]]]:
-        async with AsyncSegserveClient(args.server, timeout_s=args.timeout) as client:
+        async with AsyncSegserveClient(
+            args.server, timeout_s=args.timeout, tls=tls, token=token
+        ) as client:
             await client.wait_until_ready(args.timeout or READY_TIMEOUT_S, model=args.model)
             palette = []
             if overlay_video is not None:

@@ -35,6 +35,7 @@ from segserve_server.errors import (
 __all__ = [
     "StreamHandler",
     "StreamLimits",
+    "abort_with",
     "as_segserve_error",
     "deadline_of",
     "handler_table",
@@ -102,12 +103,12 @@ def _unary(request_cls: type[Message], behaviour: Unary, where: str) -> UnaryHan
         except grpc.aio.AbortError:
             raise  # context.abort was already called
         except Exception as exc:
-            await _abort(context, as_segserve_error(exc, where))
+            await abort_with(context, as_segserve_error(exc, where))
 
     return handle
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: SegserveError) -> None:
+async def abort_with(context: grpc.aio.ServicerContext, error: SegserveError) -> None:
     """Ends the call with the error's status, unless the call has already ended (the client
     went away, or a broken call failed its own abort): then there is nobody to tell."""
     if context.done() or context.cancelled():
@@ -133,7 +134,7 @@ def _streaming(request_cls: type[Message], behaviour: Streaming, where: str) -> 
         except Exception as exc:
             if context.done() or context.cancelled():
                 return  # a broken call failed its abort: the client is gone
-            await _abort(context, as_segserve_error(exc, where))
+            await abort_with(context, as_segserve_error(exc, where))
 
     return handle
 
@@ -234,7 +235,7 @@ async def ordered_stream(
         ):
             yield result
     except StreamDrained:
-        await _abort(
+        await abort_with(
             context,
             ModelUnavailable(
                 f"server is draining: every {limits.what} read was answered; send the rest to another "
@@ -242,7 +243,7 @@ async def ordered_stream(
             ),
         )
     except StreamCut:
-        await _abort(
+        await abort_with(
             context,
             DeadlineExceeded(
                 f"the stream's deadline came: every {limits.what} read was answered; long-lived streams "
