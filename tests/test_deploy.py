@@ -27,6 +27,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from segserve.v1 import segserve_pb2 as pb
+from segserve_server.server import LIVENESS_SERVICE
 from segserve_server.settings import Settings
 from tests.conftest import ROOT, encode, quadrant_image
 
@@ -370,7 +371,9 @@ def test_k8s_manifests_probe_grpc_health_on_the_grpc_port(monkeypatch):
     assert annotations["prometheus.io/port"] == str(settings.metrics_port)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == settings.port, probe
+    for probe in ("startupProbe", "readinessProbe"):
         assert container[probe]["grpc"].get("service", "") == "", probe  # health "" (overall)
+    assert container["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > settings.drain_timeout_s
 

@@ -32,6 +32,7 @@ async def test_health_overall_and_per_model(channel):
         return (await health.Check(health_pb2.HealthCheckRequest(service=service))).status
 
     assert await status("") == SERVING
+    assert await status("liveness") == SERVING
     assert await status("segserve.v1.Segmentation") == SERVING
     assert await status("colour") == SERVING
     assert await status("broken_config") == NOT_SERVING

@@ -268,7 +268,7 @@ async def test_malformed_requests_name_the_problem(kserve_url, client):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await garbage(b"\xff\xff\xff")
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    await expect_error(client.load_model("colour"), "UNIMPLEMENTED", "RepositoryModelLoad")
+    await expect_error(client.get_trace_settings(), "UNIMPLEMENTED", "TraceSetting")
 
 
 async def test_image_route_asyncio(client):

@@ -22,21 +22,37 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from segserve.v1 import segserve_pb2 as pb
+from segserve_server.adapters.auth_grpc import AuthInterceptor
 from segserve_server.adapters.kserve_v2 import SERVICE_NAME as KSERVE_SERVICE
 from segserve_server.adapters.kserve_v2 import KServeServicer, kserve_handler
+from segserve_server.adapters.repository_v1 import REPOSITORY_SERVICE, repository_handler
 from segserve_server.adapters.segserve_v1 import SegmentationServicer, segmentation_handler
+from segserve_server.auth import load_tokens
 from segserve_server.core.models import ModelState
 from segserve_server.core.service import SegmentationCore
 from segserve_server.core.tensors import TensorAPI
 from segserve_server.settings import Settings
 
-__all__ = ["ANSWER_GRACE_S", "NOT_SERVING", "SEGMENTATION_SERVICE", "SERVING", "Server", "serve"]
+__all__ = [
+    "ANSWER_GRACE_S",
+    "LIVENESS_SERVICE",
+    "NOT_SERVING",
+    "SEGMENTATION_SERVICE",
+    "SERVING",
+    "Server",
+    "serve",
+    "server_credentials",
+]
 
 log = logging.getLogger(__name__)
 
 SEGMENTATION_SERVICE = pb.DESCRIPTOR.services_by_name["Segmentation"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+LIVENESS_SERVICE = "liveness"
+"""A health service name that is SERVING for as long as the process runs and answers, drains
+included: for liveness probes, which must not restart a replica whose models are merely
+unavailable (its Triton servers ejected) or that is draining."""
 ANSWER_GRACE_S = 1.0
 """After a drain's budget ran out: how long the calls segserve failed get to send that answer
 before gRPC cancels every call still running."""
@@ -49,6 +65,13 @@ class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.core = SegmentationCore(settings)
+        self._credentials = server_credentials(settings)
+        tokens = load_tokens(file=settings.auth_tokens_file, env=settings.auth_tokens)
+        self._interceptors = (
+            []
+            if tokens is None
+            else [AuthInterceptor(tokens, health_requires_auth=settings.health_requires_auth)]
+        )
         self.port = 0
         self.kserve_port: int | None = None
         self.metrics_port: int | None = None
@@ -57,6 +80,7 @@ class Server:
         self.drain_timed_out = False
         """True once a drain's budget ran out with calls still running (see stop)."""
         self._health_lock = asyncio.Lock()  # one health update at a time, in order
+        self._health_models: set[str] = set()  # every model name health was ever set for
         self._health_updates: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -69,31 +93,33 @@ class Server:
             ("grpc.max_send_message_length", s.max_send_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self._grpc = grpc.aio.server(options=options)
+        self._grpc = grpc.aio.server(options=options, interceptors=self._interceptors)
         servicer = SegmentationServicer(self.core)
         servicer.draining = self._draining
         self._grpc.add_generic_rpc_handlers((segmentation_handler(servicer),))
+        self._grpc.add_generic_rpc_handlers((repository_handler(self.core.models),))
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(
             (
                 SEGMENTATION_SERVICE,
+                REPOSITORY_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
             self._grpc,
         )
-        self.port = _bind(self._grpc, s.host, s.port)
+        self.port = _bind(self._grpc, s.host, s.port, self._credentials)
         if s.kserve_port is not None:
             self._kserve = self._kserve_server(options)
-            self.kserve_port = _bind(self._kserve, s.host, s.kserve_port)
+            self.kserve_port = _bind(self._kserve, s.host, s.kserve_port, self._credentials)
         await self._grpc.start()
         if self._kserve is not None:
             await self._kserve.start()
         self.core.models.watch(self._availability_changed)
         await self._set_health()
         if s.metrics_port is not None:
-            self._metrics_server = self.core.metrics.serve(s.host, s.metrics_port)
+            self._metrics_server = self.core.metrics.serve(s.metrics_host or s.host, s.metrics_port)
             self.metrics_port = self._metrics_server.server_port
         ready = [n for n, m in self.core.models.models.items() if m.state is ModelState.READY]
         log.info(
@@ -105,10 +131,17 @@ class Server:
         )
         if self.kserve_port is not None:
             log.info("KServe v2 / Triton protocol on %s:%d", s.host, self.kserve_port)
+        log.info(
+            "gRPC ports: %s; %s",
+            "TLS" + (" with client certificates" if s.tls_client_ca_file else "")
+            if self._credentials
+            else "plaintext",
+            "bearer tokens required" if self._interceptors else "no authentication",
+        )
 
     def _kserve_server(self, options: list[tuple[str, int]]) -> grpc.aio.Server:
         """inference.GRPCInferenceService, with health and reflection, as Triton's port has."""
-        server = grpc.aio.server(options=options)
+        server = grpc.aio.server(options=options, interceptors=self._interceptors)
         servicer = KServeServicer(
             TensorAPI(
                 self.core, max_images_per_request=self.settings.kserve_max_images_per_request
@@ -140,10 +173,15 @@ class Server:
         Triton server ejected) and no drain began; overall: SERVING while any model is."""
         async with self._health_lock:
             any_ready = False
-            for name, model in self.core.models.models.items():
+            models = self.core.models.models
+            for name, model in models.items():
                 ready = model.available and not self._draining.is_set()
                 any_ready |= ready
                 await self._health.set(name, SERVING if ready else NOT_SERVING)
+            for gone in self._health_models - models.keys():  # removed from the repository
+                await self._health.set(gone, NOT_SERVING)
+            self._health_models |= models.keys()
+            await self._health.set(LIVENESS_SERVICE, SERVING)
             overall = SERVING if any_ready else NOT_SERVING
             await self._health.set("", overall)
             await self._health.set(SEGMENTATION_SERVICE, overall)
@@ -206,10 +244,28 @@ class Server:
         await self._stopped.wait()
 
 
-def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials of the gRPC ports (None: plaintext); with tls_client_ca_file, client
+    certificates signed by that CA are required (mutual TLS)."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    client_ca = settings.tls_client_ca_file
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=client_ca.read_bytes() if client_ca is not None else None,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def _bind(
+    server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None
+) -> int:
     address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
     try:
-        bound: int = server.add_insecure_port(address)
+        if credentials is None:
+            bound: int = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         raise OSError(f"cannot bind gRPC port {address}: {exc} (is it in use?)") from exc
     return bound

@@ -226,3 +226,22 @@ def write_confidence_entry(
         with_second_output(config_path.read_text(), confidence_output(height, width))
     )
     return entry
+
+
+def write_version(
+    model_dir: Path, version: int, height: int, width: int, *, busy_layers: int = 0
+) -> Path:
+    """Adds version folder `version` (colour_classes' labels model) the way a hot reload wants
+    it: written beside the folder, then renamed into place at once."""
+    staging = model_dir / f".staging-{version}"
+    staging.mkdir()
+    onnx.save(colour_classes(height, width, busy_layers=busy_layers), staging / "model.onnx")
+    return staging.rename(model_dir / str(version))
+
+
+def write_broken_version(model_dir: Path, version: int) -> Path:
+    """Adds version folder `version` whose model.onnx is not an ONNX model (renamed into place)."""
+    staging = model_dir / f".staging-{version}"
+    staging.mkdir()
+    (staging / "model.onnx").write_bytes(b"this is not an ONNX model")
+    return staging.rename(model_dir / str(version))

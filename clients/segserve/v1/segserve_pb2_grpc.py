@@ -248,3 +248,186 @@ class Segmentation:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ModelRepositoryStub:
+    """Repository control while the server runs (admin): load, reload and unload models. A load
+    re-reads the model's folder and loads what changed (new versions, a changed config.pbtxt or
+    model file); each new version is started before it replaces the old one, and requests already
+    running on the old one are answered by it, so a swap fails no request. When something fails
+    to load, the versions serving keep serving and the call answers INVALID_ARGUMENT with the
+    reason (RepositoryIndex, ListModels and GetModel report it too). With
+    repository_poll_interval_s set, the server also does this by itself for every changed folder.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.LoadModel = channel.unary_unary(
+                '/segserve.v1.ModelRepository/LoadModel',
+                request_serializer=segserve_dot_v1_dot_segserve__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=segserve_dot_v1_dot_segserve__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/segserve.v1.ModelRepository/UnloadModel',
+                request_serializer=segserve_dot_v1_dot_segserve__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=segserve_dot_v1_dot_segserve__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
+        self.RepositoryIndex = channel.unary_unary(
+                '/segserve.v1.ModelRepository/RepositoryIndex',
+                request_serializer=segserve_dot_v1_dot_segserve__pb2.RepositoryIndexRequest.SerializeToString,
+                response_deserializer=segserve_dot_v1_dot_segserve__pb2.RepositoryIndexResponse.FromString,
+                _registered_method=True)
+
+
+class ModelRepositoryServicer:
+    """Repository control while the server runs (admin): load, reload and unload models. A load
+    re-reads the model's folder and loads what changed (new versions, a changed config.pbtxt or
+    model file); each new version is started before it replaces the old one, and requests already
+    running on the old one are answered by it, so a swap fails no request. When something fails
+    to load, the versions serving keep serving and the call answers INVALID_ARGUMENT with the
+    reason (RepositoryIndex, ListModels and GetModel report it too). With
+    repository_poll_interval_s set, the server also does this by itself for every changed folder.
+    """
+
+    def LoadModel(self, request, context):
+        """Loads (or reloads) one model of the repository. NOT_FOUND if its folder is not there.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Unloads every version of one model: requests already running are answered, later ones are
+        UNAVAILABLE, until the model is loaded again (the repository poll leaves it unloaded).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RepositoryIndex(self, request, context):
+        """Every model of the repository with the state and reason of each of its versions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ModelRepositoryServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=segserve_dot_v1_dot_segserve__pb2.LoadModelRequest.FromString,
+                    response_serializer=segserve_dot_v1_dot_segserve__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=segserve_dot_v1_dot_segserve__pb2.UnloadModelRequest.FromString,
+                    response_serializer=segserve_dot_v1_dot_segserve__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'RepositoryIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepositoryIndex,
+                    request_deserializer=segserve_dot_v1_dot_segserve__pb2.RepositoryIndexRequest.FromString,
+                    response_serializer=segserve_dot_v1_dot_segserve__pb2.RepositoryIndexResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'segserve.v1.ModelRepository', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('segserve.v1.ModelRepository', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ModelRepository:
+    """Repository control while the server runs (admin): load, reload and unload models. A load
+    re-reads the model's folder and loads what changed (new versions, a changed config.pbtxt or
+    model file); each new version is started before it replaces the old one, and requests already
+    running on the old one are answered by it, so a swap fails no request. When something fails
+    to load, the versions serving keep serving and the call answers INVALID_ARGUMENT with the
+    reason (RepositoryIndex, ListModels and GetModel report it too). With
+    repository_poll_interval_s set, the server also does this by itself for every changed folder.
+    """
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/segserve.v1.ModelRepository/LoadModel',
+            segserve_dot_v1_dot_segserve__pb2.LoadModelRequest.SerializeToString,
+            segserve_dot_v1_dot_segserve__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/segserve.v1.ModelRepository/UnloadModel',
+            segserve_dot_v1_dot_segserve__pb2.UnloadModelRequest.SerializeToString,
+            segserve_dot_v1_dot_segserve__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RepositoryIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/segserve.v1.ModelRepository/RepositoryIndex',
+            segserve_dot_v1_dot_segserve__pb2.RepositoryIndexRequest.SerializeToString,
+            segserve_dot_v1_dot_segserve__pb2.RepositoryIndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

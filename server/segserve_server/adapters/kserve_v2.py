@@ -4,8 +4,16 @@ Converts the protocol's messages (the generated code tritonclient ships, tritonc
 service_pb2) to numpy tensors (`kserve_tensors`) and calls `core.tensors.TensorAPI`; nothing
 else. Implemented:
 ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata, ModelConfig, ModelInfer,
-ModelStreamInfer, RepositoryIndex, ModelStatistics. Every other method answers UNIMPLEMENTED
-with a message. Statuses come from `grpc_helpers` as for segserve.v1; in a stream, a failed
+ModelStreamInfer, RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload, ModelStatistics.
+Every other method answers UNIMPLEMENTED with a message.
+
+Repository control as Triton's explicit mode has it (core.models hot reload): RepositoryModelLoad
+(re)reads a model's folder and swaps in what changed with no failed request, or answers
+INVALID_ARGUMENT with the reason when something failed to load (older versions keep serving);
+its one parameter is "config" (a model config in JSON replacing config.pbtxt until the next load
+without it); Triton's "file:" overrides are refused INVALID_ARGUMENT. RepositoryModelUnload
+unloads (requests UNAVAILABLE until loaded again). RepositoryIndex reports each version READY,
+LOADING or UNAVAILABLE with its reason, as Triton does. Statuses come from `grpc_helpers` as for segserve.v1; in a stream, a failed
 request, or a frame that does not parse, gets its status name and message in `error_message`
 ("INTERNAL: ..." for an unexpected exception) and the stream goes on.
 """
@@ -18,6 +26,8 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as kserve
 
 from segserve_server import __version__
@@ -31,7 +41,7 @@ from segserve_server.adapters.grpc_helpers import (
     stream_cut_at,
 )
 from segserve_server.adapters.kserve_tensors import encode_result, parse_version, to_infer_request
-from segserve_server.core.models import ModelState
+from segserve_server.core.models import Model, ModelManager, ModelState
 from segserve_server.core.tensors import Duration, Route, TensorAPI, TensorSpec
 from segserve_server.errors import (
     DeadlineExceeded,
@@ -56,6 +66,8 @@ IMPLEMENTED = (
     "ModelInfer",
     "ModelStreamInfer",
     "RepositoryIndex",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
     "ModelStatistics",
 )
 # Triton's InferStatistics durations, each a RouteStats field of the same name.
@@ -82,8 +94,8 @@ def kserve_handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
         servicer,
         implemented=IMPLEMENTED,
         unimplemented=lambda name: (
-            f"segserve does not implement {name}: its models come from the repository at start, "
-            f"and tensors travel in the request (implemented: {', '.join(IMPLEMENTED)})"
+            f"segserve does not implement {name}: its models come from the repository, and "
+            f"tensors travel in the request (implemented: {', '.join(IMPLEMENTED)})"
         ),
     )
 
@@ -98,6 +110,10 @@ class KServeServicer:
         self._limits = StreamLimits(max_inflight_requests, max_inflight_requests, "request")
         self._deadline_margin_s = deadline_margin_s
         self.draining: asyncio.Event | None = None  # set by the server at start
+
+    @property
+    def _models(self) -> ModelManager:
+        return self._api.models
 
     def _is_draining(self) -> bool:
         return self.draining is not None and self.draining.is_set()
@@ -182,11 +198,13 @@ class KServeServicer:
         index = kserve.RepositoryIndexResponse()
         for route in self._api.routes():
             model = route.model
-            if not model.versions:
+            # Versions being loaded beside those serving (a new one before its swap) are LOADING.
+            versions = {**model.loading, **model.versions}
+            if not versions:
                 if not request.ready:
                     index.models.add(name=route.name, state="UNAVAILABLE", reason=model.reason)
                 continue
-            for number, version in sorted(model.versions.items()):
+            for number, version in sorted(versions.items()):
                 if request.ready and version.state is not ModelState.READY:
                     continue
                 index.models.add(
@@ -196,6 +214,28 @@ class KServeServicer:
                     reason=version.reason or version.unavailable_reason,
                 )
         return index
+
+    async def RepositoryModelLoad(
+        self, request: kserve.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> kserve.RepositoryModelLoadResponse:
+        _check_repository(request.repository_name)
+        config_text = _config_override(request.model_name, dict(request.parameters))
+        model = await self._models.load(request.model_name, config_text)
+        _check_loaded(model)
+        return kserve.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: kserve.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> kserve.RepositoryModelUnloadResponse:
+        _check_repository(request.repository_name)
+        unknown = sorted(set(request.parameters) - {"unload_dependents"})
+        if unknown:
+            raise InvalidArgument(
+                f"RepositoryModelUnload parameters {unknown} are not supported "
+                "(supported: unload_dependents, which is a no-op: segserve has no ensembles)"
+            )
+        await self._models.unload(request.model_name)
+        return kserve.RepositoryModelUnloadResponse()
 
     async def ModelStatistics(
         self, request: kserve.ModelStatisticsRequest, context: grpc.aio.ServicerContext
@@ -308,6 +348,49 @@ class KServeServicer:
             self.draining,
             cut_at_s,
         )
+
+
+def _check_repository(name: str) -> None:
+    if name:
+        raise InvalidArgument(f"repository {name!r}: segserve serves one repository (use '')")
+
+
+def _config_override(
+    model: str, parameters: dict[str, kserve.ModelRepositoryParameter]
+) -> str | None:
+    """The "config" parameter (Triton: the model config as JSON) as config.pbtxt text."""
+    files = sorted(key for key in parameters if key.startswith("file:"))
+    if files:
+        raise InvalidArgument(
+            f"RepositoryModelLoad file overrides {files} are not supported by segserve: write "
+            "the files into the model's folder of the repository, then load it"
+        )
+    unknown = sorted(set(parameters) - {"config"})
+    if unknown:
+        raise InvalidArgument(
+            f"RepositoryModelLoad parameters {unknown} are not supported (supported: config)"
+        )
+    if "config" not in parameters:
+        return None
+    parameter = parameters["config"]
+    if parameter.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidArgument("RepositoryModelLoad parameter 'config' must be a JSON string")
+    try:
+        config = json_format.Parse(parameter.string_param, mc.ModelConfig())
+    except json_format.ParseError as exc:
+        raise InvalidArgument(
+            f"RepositoryModelLoad 'config' of model {model!r} is not a model config in JSON: {exc}"
+        ) from exc
+    text: str = text_format.MessageToString(config)
+    return text
+
+
+def _check_loaded(model: Model) -> None:
+    """A load whose versions did not all come up answers INVALID_ARGUMENT with why (Triton's
+    code for a failed load); older versions may still serve (RepositoryIndex says)."""
+    failure = model.load_failure
+    if failure:
+        raise InvalidArgument(f"failed to load model {model.name!r}: {failure}")
 
 
 def _as_request(

@@ -7,175 +7,306 @@ and preprocessor are all there by construction, so the request path never checks
 A READY version whose backend cannot run batches now (every Triton server of the model ejected)
 stays READY but is not `available`: `unavailable_reason` says why (ListModels and GetModel
 report it as the reason), and health and KServe ModelReady say not serving until the backend
-recovers; `ModelManager.watch` callbacks hear of each change.
+recovers; `ModelManager.watch` callbacks hear of each change (and of every load, unload and
+swap).
+
+Hot reload (`load`, `unload`, and the repository poll when `repository_poll_interval_s` is
+set): a new version, or a version whose config or files changed, is loaded and started
+completely before it replaces the old one; the swap is one assignment on the loop. Requests
+take a `lease` on the ReadyVersion they use (the core holds it from lookup to answer), so a
+replaced version keeps serving whoever already holds it: it is retired (its batcher drained,
+its backend released) only once its last lease is returned. A reload that fails (bad config,
+bad model file) changes nothing that serves: the old versions keep serving, and the failure is
+the model's `load_error`, the failed version listed FAILED with its reason, and in the log.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
+import contextlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from segserve_server.backends.base import Backend
 from segserve_server.backends.factory import create_backend
-from segserve_server.errors import ModelConfigError, ModelNotFound, ModelUnavailable
+from segserve_server.core.model_state import (
+    UNLOADED_REASON,
+    BatchStats,
+    Lease,
+    Model,
+    ModelState,
+    ModelVersion,
+    ReadyVersion,
+)
+from segserve_server.core.reload import RepositoryPoller, take_snapshot
+from segserve_server.errors import ModelConfigError, ModelNotFound, ModelUnavailable, bounded
 from segserve_server.metrics import Metrics
-from segserve_server.model_repository import ModelConfig, RepositoryEntry, scan_repository
+from segserve_server.model_repository import ModelConfig, RepositoryEntry, model_dirs, scan_entry
 from segserve_server.pipeline.batcher import Batcher
 from segserve_server.pipeline.preprocess import Preprocessor
 from segserve_server.settings import Settings
 
-__all__ = ["BatchStats", "Model", "ModelManager", "ModelState", "ModelVersion", "ReadyVersion"]
+__all__ = [
+    "UNLOADED_REASON",
+    "BatchStats",
+    "Lease",
+    "Model",
+    "ModelManager",
+    "ModelState",
+    "ModelVersion",
+    "ReadyVersion",
+]
 
 log = logging.getLogger(__name__)
 
 
-class ModelState(enum.Enum):
-    LOADING = "LOADING"
-    READY = "READY"
-    FAILED = "FAILED"
-    UNLOADED = "UNLOADED"
-
-
-@dataclass
-class BatchStats:
-    """Batches a model version ran, by size (Triton's execution_count and batch_stats)."""
-
-    executions: int = 0
-    inferences: int = 0
-    by_size: dict[int, tuple[int, float]] = field(default_factory=dict)  # size: (count, seconds)
-
-    def record(self, size: int, seconds: float) -> None:
-        self.executions += 1
-        self.inferences += size
-        count, total_s = self.by_size.get(size, (0, 0.0))
-        self.by_size[size] = (count + 1, total_s + seconds)
-
-
-@dataclass(frozen=True, eq=False)
-class ReadyVersion:
-    """A loaded model version that serves: everything the request path needs, never None."""
-
-    name: str
-    version: int
-    config: ModelConfig
-    backend: Backend
-    batcher: Batcher
-    preprocessor: Preprocessor
-    batch_stats: BatchStats
-
-
-@dataclass(eq=False)
-class ModelVersion:
-    """One version of a model: its state and, once READY, what serves it (`ready`)."""
-
-    name: str
-    version: int
-    state: ModelState = ModelState.LOADING
-    reason: str = ""
-    ready: ReadyVersion | None = None
-    batch_stats: BatchStats = field(default_factory=BatchStats)
-
-    @property
-    def unavailable_reason(self) -> str:
-        """Why a READY version's backend cannot run batches now; "" otherwise."""
-        return self.ready.backend.unavailable_reason if self.ready is not None else ""
-
-    @property
-    def available(self) -> bool:
-        """READY and its backend can run batches now."""
-        return self.ready is not None and not self.unavailable_reason
-
-
-@dataclass(eq=False)
-class Model:
-    """One model folder of the repository."""
-
-    name: str
-    entry: RepositoryEntry
-    versions: dict[int, ModelVersion] = field(default_factory=dict)
-
-    @property
-    def config(self) -> ModelConfig | None:
-        return self.entry.config
-
-    @property
-    def serving(self) -> ReadyVersion | None:
-        """The highest READY version, which requests without a version get."""
-        ready = [v.ready for v in self.versions.values() if v.ready is not None]
-        return max(ready, key=lambda v: v.version) if ready else None
-
-    @property
-    def state(self) -> ModelState:
-        if self.serving is not None:
-            return ModelState.READY
-        if self.entry.error is not None or not self.versions:
-            return ModelState.FAILED
-        return max(self.versions.values(), key=lambda v: v.version).state
-
-    @property
-    def available(self) -> bool:
-        """READY, and the serving version's backend can run batches now."""
-        serving = self.serving
-        return serving is not None and serving.backend.available
-
-    @property
-    def reason(self) -> str:
-        """Why the model is not READY, or why a READY one is not available; "" otherwise."""
-        serving = self.serving
-        if serving is not None:
-            return serving.backend.unavailable_reason
-        if self.entry.error is not None:
-            return self.entry.error
-        if not self.versions:
-            return "no version selected by version_policy"
-        return max(self.versions.values(), key=lambda v: v.version).reason
-
-
 class ModelManager:
-    """Loads the repository at start and hands out ready versions by name and version."""
+    """Loads the repository at start, reloads and unloads models while serving, and hands out
+    ready versions by name and version (`get`, or `lease` for a request that submits)."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._settings = settings
         self._metrics = metrics
+        self._root = Path(settings.model_repository)
         self.models: dict[str, Model] = {}
         self._watchers: list[Callable[[], None]] = []
+        self._retiring: dict[ReadyVersion, asyncio.Task[None]] = {}
+        self._poller: RepositoryPoller | None = None
 
     def watch(self, callback: Callable[[], None]) -> None:
         """Calls callback (on the loop) whenever a READY version's backend turns available or
-        unavailable (e.g. its last Triton server ejected, or one readmitted)."""
+        unavailable (e.g. its last Triton server ejected, or one readmitted), and after every
+        load, unload, swap and removal."""
         self._watchers.append(callback)
 
     def _availability_changed(self) -> None:
         for callback in list(self._watchers):
             callback()
 
-    async def load_all(self) -> None:
-        for entry in scan_repository(Path(self._settings.model_repository)):
-            model = Model(entry.name, entry)
-            self.models[entry.name] = model
-            for version in entry.versions_to_load:
-                model.versions[version] = ModelVersion(entry.name, version)
-        for model in self.models.values():
-            config = model.config
-            if config is None:
-                continue  # the entry's error is the model's reason
-            for loaded in model.versions.values():
-                await self._load(model, config, loaded)
+    @property
+    def polls(self) -> int:
+        """Repository polls completed so far (0 when polling is off)."""
+        return self._poller.polls if self._poller is not None else 0
 
-    async def _load(self, model: Model, config: ModelConfig, loaded: ModelVersion) -> None:
+    async def load_all(self) -> None:
+        """Loads every model folder of the repository (at start)."""
+        self._lock = asyncio.Lock()
+        for model_dir in await asyncio.to_thread(model_dirs, self._root):
+            await self._reload(model_dir.name)
+
+    def start_polling(self) -> None:
+        """Polls the repository every repository_poll_interval_s (if set) until stop_polling."""
+        interval_s = self._settings.repository_poll_interval_s
+        if interval_s is not None:
+            self._poller = RepositoryPoller(self.poll, interval_s)
+            self._poller.start()
+
+    async def stop_polling(self) -> None:
+        if self._poller is not None:
+            await self._poller.stop()
+
+    async def poll(self) -> None:
+        """One scan: loads added models, reloads those whose folder changed since their last
+        load attempt, removes those gone from disk. Models unloaded by request are left alone."""
+        async with self._lock:
+            on_disk = {d.name for d in await asyncio.to_thread(model_dirs, self._root)}
+            for name in sorted(set(self.models) - on_disk):
+                self._remove(name)
+            for name in sorted(on_disk):
+                model = self.models.get(name)
+                if model is not None:
+                    if model.unloaded:
+                        continue
+                    now = await asyncio.to_thread(
+                        take_snapshot, self._root / name, model.config_override
+                    )
+                    if now == model.snapshot:
+                        continue
+                    log.info("model %s changed in the repository: reloading", name)
+                else:
+                    log.info("model %s appeared in the repository: loading", name)
+                await self._reload(name)
+
+    async def load(self, name: str, config_text: str | None = None) -> Model:
+        """(Re)reads model `name`'s folder and loads what changed: new versions, and every
+        version whose config or files changed; versions its version_policy no longer selects
+        are retired. config_text replaces config.pbtxt's text (until a load without it).
+        The model's `load_error` says what failed (then the old versions keep serving).
+        NOT_FOUND if the folder is not in the repository."""
+        if not name or "/" in name or name.startswith("."):
+            raise ModelNotFound(f"model name {name!r} is not a folder of the repository")
+        async with self._lock:
+            if not await asyncio.to_thread((self._root / name).is_dir):
+                if name in self.models:
+                    self._remove(name)
+                raise ModelNotFound(f"model {name!r} is not in the repository {self._root}")
+            model = self.models.get(name)
+            if model is not None:
+                model.config_override = config_text
+                model.unloaded = False
+            return await self._reload(name, config_text)
+
+    async def unload(self, name: str) -> Model:
+        """Unloads every version of model `name` (drained first: requests already holding one
+        are answered); it stays UNLOADED, its requests UNAVAILABLE, until loaded again."""
+        async with self._lock:
+            model = self._known(name)
+            self._retire_all(model)
+            model.versions = {
+                v: ModelVersion(
+                    name, v, ModelState.UNLOADED, UNLOADED_REASON, batch_stats=old.batch_stats
+                )
+                for v, old in model.versions.items()
+            }
+            model.unloaded, model.load_error = True, ""
+            log.info("model %s unloaded by request", name)
+            self._availability_changed()
+            return model
+
+    def _known(self, name: str) -> Model:
+        model = self.models.get(name)
+        if model is None:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise ModelNotFound(f"model {name!r} is not in the repository (models: {known})")
+        return model
+
+    def _remove(self, name: str) -> None:
+        model = self.models.pop(name)
+        self._retire_all(model)
+        log.info("model %s removed from the repository: unloaded", name)
+        self._availability_changed()
+
+    def _retire_all(self, model: Model) -> None:
+        for version in model.versions.values():
+            if version.ready is not None:
+                self._retire(version.ready)
+            self._metrics.model_ready.labels(model.name, str(version.version)).set(0)
+
+    async def _reload(self, name: str, config_text: str | None = None) -> Model:
+        """Loads model `name` from its folder; the caller holds the lock."""
+        model_dir = self._root / name
+        model = self.models.get(name)
+        override = model.config_override if model is not None else config_text
+        # The snapshot first: a change after it is seen by the next poll.
+        snapshot = await asyncio.to_thread(take_snapshot, model_dir, override)
+        entry = await asyncio.to_thread(scan_entry, model_dir, override)
+        if model is None:
+            model = Model(name, entry, config_override=override)
+            self.models[name] = model
+        model.snapshot = snapshot
+        serving = model.serving
+        config = entry.config
+        if config is None or entry.error is not None:
+            error = entry.error or "no config"
+            if serving is None or entry.config is not None:  # nothing serves, or no versions
+                self._retire_all(model)
+                model.entry, model.versions, model.load_error = entry, {}, ""
+            else:
+                self._keep_serving(model, f"config.pbtxt failed to load: {error}", {})
+            self._availability_changed()
+            return model
+        new_versions: dict[int, ModelVersion] = {}
+        started: list[ReadyVersion] = []
+        failures: dict[int, str] = {}
+        for number in entry.versions_to_load:
+            old = model.versions.get(number)
+            source = snapshot.of_version(number)
+            if old is not None and old.ready is not None and old.source == source:
+                new_versions[number] = old
+                continue
+            loaded = ModelVersion(name, number, source=source)
+            if old is not None:
+                loaded.batch_stats = old.batch_stats
+            model.loading[number] = loaded
+            try:
+                await self._load(model, config, entry.versions[number], loaded)
+            finally:
+                model.loading.pop(number, None)
+            new_versions[number] = loaded
+            if loaded.ready is not None:
+                started.append(loaded.ready)
+            else:
+                failures[number] = loaded.reason
+        if failures and serving is not None:
+            for ready in started:
+                self._retire(ready)
+            reasons = "; ".join(f"version {v} failed to load: {r}" for v, r in failures.items())
+            self._keep_serving(model, reasons, failures)
+        else:
+            self._swap(model, entry, new_versions)
+        self._availability_changed()
+        return model
+
+    def _swap(
+        self, model: Model, entry: RepositoryEntry, versions: dict[int, ModelVersion]
+    ) -> None:
+        """Replaces the model's versions at once; those replaced are retired once idle."""
+        kept = {v.ready for v in versions.values() if v.ready is not None}
+        replaced = [
+            v for v in model.versions.values() if v.ready is not None and v.ready not in kept
+        ]
+        model.entry, model.versions, model.load_error = entry, versions, ""
+        for version in versions.values():
+            if version.ready is not None:
+                version.reason = ""
+        for version in replaced:
+            assert version.ready is not None
+            self._retire(version.ready)
+            if version.version not in versions:
+                self._metrics.model_ready.labels(model.name, str(version.version)).set(0)
+                log.info("model %s version %d retired", model.name, version.version)
+        serving = model.serving
+        if replaced and serving is not None:
+            log.info("model %s now serves version %d", model.name, serving.version)
+
+    def _keep_serving(self, model: Model, error: str, failures: dict[int, str]) -> None:
+        """A reload failed while versions serve: they keep serving and report why."""
+        serving = model.serving
+        assert serving is not None
+        model.load_error = bounded(
+            f"{error} (still serving version {serving.version} as loaded before)"
+        )
+        versions = dict(model.versions)
+        for number, reason in failures.items():
+            old = versions.get(number)
+            if old is not None and old.ready is not None:
+                old.reason = bounded(f"reload failed, serving the files loaded before: {reason}")
+            else:
+                versions[number] = ModelVersion(model.name, number, ModelState.FAILED, reason)
+        if not failures:  # the config failed: every serving version says so
+            for version in versions.values():
+                if version.ready is not None:
+                    version.reason = model.load_error
+        model.versions = versions
+        log.error("model %s: %s", model.name, model.load_error)
+
+    def _retire(self, ready: ReadyVersion) -> None:
+        """Drains and releases `ready` once no request holds it (never before)."""
+        task = asyncio.get_running_loop().create_task(
+            self._drain_retired(ready), name=f"retire-{ready.name}:{ready.version}"
+        )
+        self._retiring[ready] = task
+        task.add_done_callback(lambda _: self._retiring.pop(ready, None))
+
+    async def _drain_retired(self, ready: ReadyVersion) -> None:
+        await ready.lease.idle()
+        ready.lease.closed = True
         try:
-            backend = await asyncio.to_thread(
-                create_backend, config, model.entry.versions[loaded.version], self._settings
-            )
+            await ready.batcher.stop(None)
+        except Exception:
+            log.exception("model %s version %d: retiring failed", ready.name, ready.version)
+
+    async def _load(
+        self, model: Model, config: ModelConfig, path: Path, loaded: ModelVersion
+    ) -> None:
+        try:
+            backend = await asyncio.to_thread(create_backend, config, path, self._settings)
             await backend.start()
         except ModelConfigError as exc:
-            loaded.state, loaded.reason = ModelState.FAILED, str(exc)
+            loaded.state, loaded.reason = ModelState.FAILED, bounded(str(exc))
             log.error("model %s version %d failed to load: %s", model.name, loaded.version, exc)
-            self._metrics.model_ready.labels(model.name, str(loaded.version)).set(0)
+            if model.serving is None or loaded.version not in model.versions:
+                self._metrics.model_ready.labels(model.name, str(loaded.version)).set(0)
             return
         batch_size = self._metrics.batch_size.labels(model.name)
         batch_latency = self._metrics.batch_latency.labels(model.name)
@@ -215,17 +346,22 @@ class ModelManager:
 
     def get(self, name: str, version: int = 0) -> ReadyVersion:
         """The READY version asked for (0: the serving one), or NOT_FOUND / UNAVAILABLE."""
-        model = self.models.get(name)
-        if model is None:
-            known = ", ".join(sorted(self.models)) or "none"
-            raise ModelNotFound(f"model {name!r} is not in the repository (models: {known})")
+        model = self._known(name)
         if version == 0:
             serving = model.serving
             if serving is None:
                 raise ModelUnavailable(f"model {name!r} is not ready: {model.reason}")
             return serving
         loaded = model.versions.get(version)
+        if (loaded is None or loaded.ready is None) and not model.unloaded:
+            # Just replaced but still draining: a request that chose it by number still runs.
+            for retiring in self._retiring:
+                same = (retiring.name, retiring.version) == (name, version)
+                if same and not retiring.lease.closed:
+                    return retiring
         if loaded is None:
+            if model.unloaded:
+                raise ModelUnavailable(f"model {name!r} is not ready: {model.reason}")
             if version in model.entry.versions:
                 raise ModelNotFound(
                     f"version {version} of model {name!r} is not loaded by its version_policy "
@@ -240,25 +376,50 @@ class ModelManager:
             )
         return loaded.ready
 
-    def _ready(self) -> list[ModelVersion]:
-        return [v for m in self.models.values() for v in m.versions.values() if v.ready]
+    @contextlib.contextmanager
+    def lease(self, name: str, version: int = 0) -> Iterator[ReadyVersion]:
+        """`get`, held until the block ends: the version is not retired (its batcher stopped)
+        while a request inside the block may still submit to it."""
+        ready = self.get(name, version)
+        ready.lease.acquire()
+        try:
+            yield ready
+        finally:
+            ready.lease.release()
+
+    def _ready(self) -> list[ReadyVersion]:
+        serving = [v.ready for m in self.models.values() for v in m.versions.values() if v.ready]
+        return serving + list(self._retiring)
 
     def abandon(self, message: str, *, waited_s: float) -> int:
         """A drain's budget ran out: every batcher stops accepting and fails what it still holds
         (running or queued) with UNAVAILABLE `message`; each one that held something logs it.
         Returns how many requests were failed."""
         return sum(
-            v.ready.batcher.abandon(ModelUnavailable(message), waited_s=waited_s)
-            for v in self._ready()
-            if v.ready
+            ready.batcher.abandon(ModelUnavailable(message), waited_s=waited_s)
+            for ready in self._ready()
         )
 
     async def stop(self, timeout_s: float | None) -> int:
         """Drains every batcher (answers what was queued), then releases the backends. Returns
         how many requests the batchers failed because timeout_s ran out."""
-        loaded = self._ready()
-        failed = await asyncio.gather(*(v.ready.batcher.stop(timeout_s) for v in loaded if v.ready))
+        loaded = [v for m in self.models.values() for v in m.versions.values() if v.ready]
+        # Retired versions still waiting for their last lease are stopped here, with the same
+        # budget; those already draining finish on their own (or are abandoned at the budget).
+        waiting = [r for r in self._retiring if not r.lease.closed]
+        draining = [t for r, t in self._retiring.items() if r.lease.closed]
+        for ready in waiting:
+            self._retiring[ready].cancel()
+        batchers = [v.ready.batcher for v in loaded if v.ready] + [r.batcher for r in waiting]
+        failed = await asyncio.gather(*(b.stop(timeout_s) for b in batchers))
+        if draining:
+            await asyncio.wait(draining, timeout=timeout_s)
+        left = sum(
+            r.batcher.abandon(ModelUnavailable("server stopped"), waited_s=timeout_s or 0.0)
+            for r, t in list(self._retiring.items())
+            if not t.done()
+        )
         for version in loaded:
             version.state, version.ready = ModelState.UNLOADED, None
             self._metrics.model_ready.labels(version.name, str(version.version)).set(0)
-        return sum(failed)
+        return sum(failed) + left

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from segserve_server.core.models import ReadyVersion
+from segserve_server.core.models import ModelManager, ReadyVersion
 from segserve_server.core.requests import (
     MaskEncoding,
     SegmentInput,
@@ -110,6 +110,11 @@ class TensorAPI:
         self._core = core
         self._max_images = max_images_per_request
         self.stats: dict[tuple[str, int], RouteStats] = {}
+
+    @property
+    def models(self) -> ModelManager:
+        """The repository's models (load, unload and index calls go to it)."""
+        return self._core.models
 
     # Routes and what they advertise.
 
@@ -209,9 +214,20 @@ class TensorAPI:
         An unexpected exception is logged with its traceback and raised as InferenceFailed
         (INTERNAL), as core.segment does for the image path.
         """
-        started = time.perf_counter()
         route = self.route(request.route)
-        version = self.ready_version(route, request.version)
+        # Leased until answered, so a hot reload cannot retire the version looked up here
+        # before the core (which looks it up again by number) runs it.
+        with self._core.models.lease(route.model.name, request.version) as version:
+            return await self._infer_on(route, version, request, deadline_s)
+
+    async def _infer_on(
+        self,
+        route: Route,
+        version: ReadyVersion,
+        request: InferRequest,
+        deadline_s: float | None,
+    ) -> InferResult:
+        started = time.perf_counter()
         stats = self.stats.setdefault((route.name, version.version), RouteStats())
         try:
             for key in request.parameters:
