@@ -27,6 +27,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .photometric import extra_photometric
+from .sampling import crop_origin
+
 __all__ = [
     "CLASS_COLORS",
     "CLASS_NAMES",
@@ -38,8 +41,10 @@ __all__ = [
     "Augment",
     "class_weights",
     "load_split",
+    "load_splits",
     "normalize",
     "resize_pair",
+    "split_files",
 ]
 
 CLASS_NAMES: tuple[str, ...] = (
@@ -63,12 +68,21 @@ _MEAN = np.array(MEAN, dtype=np.float32) * 255.0
 _INV_STD = 1.0 / (np.array(STD, dtype=np.float32) * 255.0)
 
 
-def load_split(root: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read a whole split into memory: RGB uint8 (N, H, W, 3) and labels uint8 (N, H, W)."""
-    root = Path(root)
-    files = sorted((root / split).glob("*.png"))
+def split_files(root: str | Path, split: str, limit: int = 0) -> list[Path]:
+    """The frames of a split, sorted by name; only the first ``limit`` if ``limit`` > 0."""
+    files = sorted((Path(root) / split).glob("*.png"))
     if not files:
-        raise FileNotFoundError(f"no PNG frames in {root / split}")
+        raise FileNotFoundError(f"no PNG frames in {Path(root) / split}")
+    return files[:limit] if limit > 0 else files
+
+
+def load_split(root: str | Path, split: str, limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Read a split into memory: RGB uint8 (N, H, W, 3) and labels uint8 (N, H, W).
+
+    ``limit`` > 0 reads only the first ``limit`` frames (by name).
+    """
+    root = Path(root)
+    files = split_files(root, split, limit)
     images, labels = [], []
     for f in files:
         bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
@@ -80,6 +94,14 @@ def load_split(root: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         images.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
         labels.append(lab)
     return np.stack(images), np.stack(labels)
+
+
+def load_splits(
+    root: str | Path, splits: tuple[str, ...], limit: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Several splits concatenated in the order given (e.g. train + val for final weights)."""
+    parts = [load_split(root, s, limit) for s in splits]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def normalize(rgb: np.ndarray) -> np.ndarray:
@@ -103,11 +125,22 @@ def resize_pair(
 
 @dataclass
 class Augment:
-    """Random scale, random crop (void-padded), horizontal flip and colour jitter."""
+    """Random scale, random crop (void-padded), horizontal flip and colour jitter.
+
+    ``rare_p``: probability of a crop centred on a pixel of a class drawn by ``rare_weights``
+    (one weight per class id; see :mod:`.sampling`).  ``hue_deg``, ``blur_p``, ``noise``: the
+    photometric extras of :mod:`.photometric`.  All at 0 (the defaults) give the original recipe,
+    random numbers included.
+    """
 
     crop: tuple[int, int] = (256, 320)
     scale: tuple[float, float] = (0.6, 1.6)
     jitter: float = 0.25  # max relative change of brightness, contrast and saturation
+    rare_p: float = 0.0
+    rare_weights: tuple[float, ...] = ()
+    hue_deg: float = 0.0
+    blur_p: float = 0.0
+    noise: float = 0.0
 
     def __call__(
         self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
@@ -121,14 +154,14 @@ class Augment:
         if ph or pw:
             image = cv2.copyMakeBorder(image, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=0)
             label = cv2.copyMakeBorder(label, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=IGNORE_INDEX)
-        y = rng.integers(0, image.shape[0] - ch + 1)
-        x = rng.integers(0, image.shape[1] - cw + 1)
+        y, x = crop_origin(label, (ch, cw), rng, self.rare_p, self.rare_weights)
         img = image[y : y + ch, x : x + cw].astype(np.float32)
         lab = label[y : y + ch, x : x + cw]
         if rng.random() < 0.5:
             img, lab = img[:, ::-1], lab[:, ::-1]
         if self.jitter > 0:
             img = self._colour(img, rng)
+        img = extra_photometric(img, rng, self.hue_deg, self.blur_p, self.noise)
         return normalize(img), lab.astype(np.int64)
 
     def _colour(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:

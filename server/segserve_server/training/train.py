@@ -8,10 +8,18 @@ Example (the bundled models' exact commands are in ``tools/train_bundled.sh``)::
 
 Every epoch writes ``<out>/last.pt`` (model, optimiser, scheduler, RNG state,
 epoch, history, best val mIoU, normalisation, class names/colours, serving
-input size) atomically, ``<out>/best.pt`` when val mIoU improves, and appends
-one JSON line to ``<out>/log.jsonl``.  A killed run continues from ``last.pt``
-when restarted with ``--resume``.  Validation runs in float32 on the full val
-split at the serving size (``--size``), void pixels ignored.
+input size, the full arguments, the recipe and a data fingerprint) atomically,
+``<out>/best.pt`` when val mIoU improves, and appends one JSON line to
+``<out>/log.jsonl``; ``<out>/run.json`` holds the arguments.  A killed run
+continues from ``last.pt`` when restarted with ``--resume`` (on another machine
+too: nothing in it depends on paths), and the same result comes out as without
+the kill; a checkpoint of another recipe is refused, naming the differences
+(:mod:`.recipe`).  Validation runs in float32 on the full val split at the
+serving size (``--size``), void pixels ignored.
+
+``--train-splits train,val`` (final weights): nothing is held out, so there is
+no val selection: the run trains its fixed ``--epochs`` and writes the last
+epoch as ``<out>/final.pt`` (``"selection": "last epoch"`` in its metadata).
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import data
+from . import data, recipe
+from .losses import SegLoss
 from .models import MODELS, build_model
 from .scores import Scores, confusion_matrix
 
@@ -41,6 +50,7 @@ except ImportError:  # pragma: no cover - tqdm is optional
 
 __all__ = [
     "atomic_save",
+    "build_parser",
     "evaluate",
     "lr_factor",
     "main",
@@ -50,10 +60,10 @@ __all__ = [
 ]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="../shared/data/camvid", help="CamVid root directory")
-    p.add_argument("--model", choices=sorted(MODELS), required=True)
+    p.add_argument("--model", choices=sorted(MODELS), help="required unless --recipe-from")
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
@@ -83,8 +93,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--eval-every", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=0, help="use only N train/val frames (smoke tests)")
-    return p.parse_args(argv)
+    p.add_argument("--limit", type=int, default=0, help="use only N frames per split (smoke tests)")
+    recipe.add_recipe_args(p)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments; ``--recipe-from CKPT`` makes that checkpoint's recipe the defaults."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.recipe_from:
+        ck = torch.load(args.recipe_from, map_location="cpu", weights_only=False)
+        known = vars(args).keys()
+        p.set_defaults(**{k: v for k, v in recipe.recipe_of(ck["args"]).items() if k in known})
+        args = p.parse_args(argv)
+    if args.model is None:
+        p.error("--model is required (or --recipe-from a checkpoint)")
+    return args
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -142,6 +167,11 @@ def metadata(args: argparse.Namespace) -> dict[str, Any]:
             "std": list(data.STD),
         },
         "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        "recipe": recipe.recipe_of(args),
+        "train_splits": list(recipe.splits_of(args)),
+        "selection": "best val mIoU"
+        if recipe.holds_out_val(args)
+        else "last epoch of a fixed schedule (val trained on: no val selection)",
         "license": "trained on CamVid (CC BY-NC 4.0, Brostow et al. 2009): non-commercial use",
     }
 
@@ -154,12 +184,34 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     size = (args.size[0], args.size[1])
 
-    train_x, train_y = data.load_split(args.data, "train")
-    val_x, val_y = data.load_split(args.data, "val")
-    if args.limit:
-        train_x, train_y, val_x, val_y = (a[: args.limit] for a in (train_x, train_y, val_x, val_y))
+    splits, held_out = recipe.splits_of(args), recipe.holds_out_val(args)
+    fingerprint = recipe.data_fingerprint(args.data, splits, args.limit)
+    last = out / "last.pt"
+    ck: dict[str, Any] | None = None
+    if args.resume and last.exists():  # checked before anything is loaded or written
+        ck = torch.load(last, map_location="cpu", weights_only=False)
+        defaults = vars(build_parser().parse_args(["--model", args.model, "--out", "."]))
+        try:
+            recipe.check_resume(ck, args, defaults, fingerprint)
+        except recipe.RecipeMismatch as exc:
+            print(f"{out}: {exc}", file=sys.stderr, flush=True)
+            return 2
+    train_x, train_y = data.load_splits(args.data, splits, args.limit)
+    val_x: np.ndarray | None = None
+    val_y: np.ndarray | None = None
+    if held_out:
+        val_x, val_y = data.load_split(args.data, "val", args.limit)
     weights = data.class_weights(train_y, args.class_weight)
-    augment = data.Augment(crop=(args.crop[0], args.crop[1]), scale=(args.scale[0], args.scale[1]))
+    augment = data.Augment(
+        crop=(args.crop[0], args.crop[1]),
+        scale=(args.scale[0], args.scale[1]),
+        jitter=args.jitter,
+        rare_p=args.rare_crop_p,
+        rare_weights=recipe.parse_class_weights(args.rare_classes),
+        hue_deg=args.hue,
+        blur_p=args.blur_p,
+        noise=args.noise,
+    )
 
     torch.manual_seed(args.seed)
     model = build_model(args.model, data.NUM_CLASSES)
@@ -172,15 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     start, best, history = 0, -1.0, []
 
-    last = out / "last.pt"
-    if args.resume and last.exists():
-        ck = torch.load(last, map_location="cpu", weights_only=False)
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         rng.bit_generator.state = ck["numpy_rng"]
         torch.set_rng_state(ck["torch_rng"])
-        start, best, history = ck["epoch"], ck["best_miou"], ck["history"]
+        start, history = ck["epoch"], ck["history"]
+        best = -1.0 if ck["best_miou"] is None else ck["best_miou"]
         if (out / "best.pt").exists():  # it may be newer than last.pt if killed in between
             best = max(best, torch.load(out / "best.pt", weights_only=False)["val_miou"])
         print(f"resumed from {last} after epoch {start} (best val mIoU {best:.4f})", flush=True)
@@ -188,20 +239,37 @@ def main(argv: list[str] | None = None) -> int:
     with open(out / "log.jsonl.tmp", "w") as f:
         f.writelines(json.dumps(h) + "\n" for h in history)
     os.replace(out / "log.jsonl.tmp", out / "log.jsonl")
+    run_info = {"args": metadata(args)["args"], "recipe": recipe.recipe_of(args)}
+    run_info |= {"argv": sys.argv[1:] if argv is None else argv, "data": fingerprint}
+    (out / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")
+    if not held_out:
+        print(
+            f"training on {'+'.join(splits)}: val is trained on, so there is no val selection; "
+            f"a fixed {args.epochs}-epoch schedule, the last epoch saved as {out / 'final.pt'}",
+            flush=True,
+        )
 
     n_params = sum(p.numel() for p in model.parameters())
     print(
-        f"{args.model}: {n_params / 1e6:.2f}M params, {len(train_x)} train / {len(val_x)} val, "
+        f"{args.model}: {n_params / 1e6:.2f}M params, {len(train_x)} train ({'+'.join(splits)})"
+        f" / {len(val_x) if val_x is not None else 0} val, "
         f"{steps_per_epoch} steps/epoch, epochs {start + 1}..{args.epochs}, "
         f"class weights {[round(float(w), 2) for w in weights]}",
         flush=True,
     )
-    criterion = nn.CrossEntropyLoss(
-        weight=torch.from_numpy(weights), ignore_index=data.IGNORE_INDEX
+    criterion = SegLoss(
+        torch.from_numpy(weights),
+        data.IGNORE_INDEX,
+        ohem_keep=args.ohem_keep,
+        ohem_min_kept=args.ohem_min_kept,
+        lovasz_weight=args.lovasz_weight,
+        dice_weight=args.dice_weight,
+        lovasz_pixels=args.lovasz_pixels,
     )
     interactive = sys.stderr.isatty()
+    stop = min(args.epochs, args.stop_after) if args.stop_after > 0 else args.epochs
 
-    for epoch in range(start + 1, args.epochs + 1):
+    for epoch in range(start + 1, stop + 1):
         model.train()
         t0 = time.time()
         order = rng.permutation(len(train_x))
@@ -247,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             "lr": sched.get_last_lr()[0],
             "train_s": round(train_s, 1),
         }
-        if epoch % args.eval_every == 0 or epoch == args.epochs:
+        scored = epoch % args.eval_every == 0 or epoch == args.epochs
+        if val_x is not None and val_y is not None and scored:
             t1 = time.time()
             scores = Scores.from_confusion(evaluate(model, val_x, val_y, size))
             iou, miou = scores.iou, scores.miou  # the definition `segserve eval` reports
@@ -278,12 +347,16 @@ def main(argv: list[str] | None = None) -> int:
                 "numpy_rng": rng.bit_generator.state,
                 "torch_rng": torch.get_rng_state(),
                 "epoch": epoch,
-                "best_miou": best,
+                "best_miou": best if held_out else None,
                 "history": history,
+                "data_fingerprint": fingerprint,
                 **metadata(args),
             },
             last,
         )
+        if not held_out and epoch == args.epochs:
+            final = {"model": model.state_dict(), "epoch": epoch, **metadata(args)}
+            atomic_save(final | {"data_fingerprint": fingerprint}, out / "final.pt")
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         msg = f"epoch {epoch}/{args.epochs} loss {record['loss']:.4f} train {train_s:.0f}s"
@@ -291,7 +364,12 @@ def main(argv: list[str] | None = None) -> int:
             per_class = " ".join(f"{n}={v:.2f}" for n, v in record["val_iou"].items())
             msg += f" | val mIoU {record['val_miou']:.4f} (best {best:.4f}) eval {record['eval_s']:.0f}s | {per_class}"
         print(msg, flush=True)
-    print(f"done: best val mIoU {best:.4f}; checkpoints in {out}", flush=True)
+    if stop < args.epochs:
+        print(f"stopped after epoch {stop} of {args.epochs} (--stop-after); --resume goes on")
+    elif held_out:
+        print(f"done: best val mIoU {best:.4f}; checkpoints in {out}", flush=True)
+    else:
+        print(f"done: {args.epochs} epochs on {'+'.join(splits)}; {out / 'final.pt'}", flush=True)
     return 0
 
 
