@@ -26,8 +26,10 @@ LAYERS = {
     "segserve_server.errors": 0,
     "segserve_server.cpus": 0,
     "segserve_server.logs": 0,
+    "segserve_server.auth": 1,  # tokens, scopes, rate limits: no transport (settings checks them)
     "segserve_server.settings": 1,
     "segserve_server.metrics": 1,
+    "segserve_server.gpu_metrics": 1,
     "segserve_server.model_repository": 1,
     "segserve_server.priorities": 1,
     "segserve_server.backends": 2,

@@ -4,6 +4,9 @@
     segserve eval   DATASET --model M [--server H:P | --offline]   IoU / mIoU of a served model
     segserve train  --model deeplabv3plus --out runs/x ...      train a CamVid model (torch)
     segserve export --checkpoint runs/x/best.pt --name N ...    write a repository entry (torch)
+    segserve quantize MODEL --calibration FOLDER ...          INT8 version of a model (onnx)
+    segserve flip-average MODEL                              its flip-averaging variant (onnx)
+    segserve build-engine MODEL [--precision fp16|int8]      TensorRT version of a model (gpu)
 
 torch is imported only by `train` and `export`; `serve` and `eval` never load it. `serve`'s flags are
 the Settings fields (settings_cli).
@@ -65,6 +68,9 @@ _DELEGATED = {
     "train": "train a CamVid segmentation model (needs the train extra: torch)",
     "export": "export a torch model into a model-repository entry (needs torch)",
     "eval": "IoU / mIoU of a model on a labelled image folder, served or offline",
+    "quantize": "static INT8 quantization of a repository model, as a new version",
+    "flip-average": "write a model's test-time flip-averaging variant (model.flip.onnx)",
+    "build-engine": "TensorRT engine of a repository model, as a new version (gpu extra)",
 }
 
 
@@ -91,6 +97,19 @@ def _run_delegated(command: str, argv: list[str]) -> int:
         from segserve_server.training import evaluate
 
         return evaluate.main(argv, prog=prog)
+    if command == "build-engine":  # imports tensorrt and torch itself, naming the gpu extra
+        from segserve_server.training import engine
+
+        return engine.main(argv, prog=prog)
+    if command in ("quantize", "flip-average"):
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            print(f"{prog}: needs onnx: pip install 'segserve[train]'", file=sys.stderr)
+            return 2
+        from segserve_server.training import flip, quantize
+
+        return (quantize.main if command == "quantize" else flip.main)(argv, prog=prog)
     try:
         import torch  # noqa: F401
     except ImportError:

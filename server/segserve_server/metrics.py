@@ -19,6 +19,8 @@ from prometheus_client import (
     start_http_server,
 )
 
+from segserve_server.gpu_metrics import GpuCollector
+
 __all__ = ["BATCH_BUCKETS", "LATENCY_BUCKETS_S", "STAGES", "Metrics"]
 
 LATENCY_BUCKETS_S = (
@@ -53,6 +55,8 @@ class Metrics:
         ProcessCollector(registry=r)  # RSS, CPU seconds, open and max fds, start time
         r.register(PLATFORM_COLLECTOR)
         r.register(GC_COLLECTOR)
+        self.gpu = GpuCollector()  # per-GPU series once a model runs on one (gpu_metrics)
+        r.register(self.gpu)
         self.requests = Counter(
             "segserve_requests",
             "Segmentation requests answered, by model and gRPC status code.",

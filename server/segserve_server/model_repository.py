@@ -8,6 +8,8 @@ class names in the output's `label_filename`, everything else in `parameters` un
     segserve.channel_order        "RGB" (default) or "BGR": the channel order the model expects
     segserve.colors               "128,128,128;128,0,0;...": one R,G,B per class, by class id
     segserve.description          free text
+    segserve.flip_average         "true": serve the test-time flip-averaging variant of each
+                                  version (<version>/model.flip.onnx, `segserve flip-average`)
 
 Where the model runs (read by segserve_server.backends; see backends/triton.py for details):
 
@@ -15,6 +17,12 @@ Where the model runs (read by segserve_server.backends; see backends/triton.py f
     segserve.triton_urls          "host:port,host:port": the model's Triton servers
     segserve.triton_model         its name on those servers, if not its own
     segserve.triton_model_version a version number or "latest"; default: the same version
+
+Which pipeline prepares images and reduces outputs (docs/gpu.md):
+
+    segserve.pipeline             "host" (default: numpy and OpenCV on the CPU) or "device" (torch
+                                  on segserve.device: decode, resize, normalise, argmax, resize back)
+    segserve.device               "cuda", "cuda:N" or "cpu" (default "cuda:0"); device pipeline only
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ __all__ = [
     "DEFAULT_STREAK_LIMIT",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "PIPELINES",
     "BatchingConfig",
     "ModelClass",
     "ModelConfig",
@@ -49,14 +58,22 @@ __all__ = [
     "QueuePolicy",
     "RepositoryEntry",
     "default_palette",
+    "flip_average_filename",
+    "model_dirs",
     "parse_config",
+    "scan_entry",
     "scan_repository",
 ]
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.pbtxt"
-DEFAULT_MODEL_FILENAMES = {"onnxruntime_onnx": "model.onnx", "onnxruntime": "model.onnx"}
+DEFAULT_MODEL_FILENAMES = {
+    "onnxruntime_onnx": "model.onnx",
+    "onnxruntime": "model.onnx",
+    "tensorrt_plan": "model.plan",
+}
+PIPELINES = ("host", "device")
 
 _NUMPY_DTYPES: dict[int, np.dtype] = {
     mc.TYPE_BOOL: np.dtype(np.bool_),
@@ -133,6 +150,13 @@ class ModelConfig:
     confidence_output: str | None = None
     """A label model's second output, per-pixel confidence (uint8, 255 = certain); None: none.
     Backends answer it stacked behind the labels: (2, H, W) per image, labels first."""
+    flip_average: bool = False
+    """segserve.flip_average: the ONNX Runtime backend loads flip_average_filename(model_filename)
+    of each version, whose scores are the mean of the image's and its mirror's."""
+    pipeline: str = "host"
+    """segserve.pipeline: "host" (numpy on the CPU) or "device" (torch on `device`)."""
+    device: str = "cuda:0"
+    """segserve.device: where the device pipeline runs ("cuda:N" or "cpu")."""
 
     @property
     def palette(self) -> list[tuple[int, int, int]]:
@@ -209,6 +233,26 @@ def _colors(raw: mc.ModelConfig, count: int) -> list[tuple[int, int, int]]:
     if len(colors) != count:
         raise ModelConfigError(f"segserve.colors has {len(colors)} colours for {count} classes")
     return colors
+
+
+def flip_average_filename(model_filename: str) -> str:
+    """The file of a version's flip-averaging variant: model.onnx -> model.flip.onnx."""
+    path = Path(model_filename)
+    return f"{path.stem}.flip{path.suffix}"
+
+
+def _flip_average(raw: mc.ModelConfig) -> bool:
+    text = _parameter(raw, "segserve.flip_average")
+    if text is None or text.strip().lower() in ("false", "0", "no", ""):
+        return False
+    if text.strip().lower() not in ("true", "1", "yes"):
+        raise ModelConfigError(f"segserve.flip_average {text[:40]!r} is not true or false")
+    if (_parameter(raw, "segserve.backend") or "onnxruntime") != "onnxruntime":
+        raise ModelConfigError(
+            "segserve.flip_average runs in segserve's onnxruntime backend, not segserve.backend "
+            f"{_parameter(raw, 'segserve.backend')!r}"
+        )
+    return True
 
 
 def default_palette(count: int) -> list[tuple[int, int, int]]:
@@ -316,6 +360,7 @@ def parse_config(text: str, model_dir: Path) -> ModelConfig:
     if any(s == 0 for s in std):
         raise ModelConfigError(f"segserve.std {std} has a zero")
 
+    pipeline, device = _pipeline(raw)
     gpu_kinds = {mc.ModelInstanceGroup.KIND_GPU}
     groups = list(raw.instance_group)
     accelerators = tuple(
@@ -346,7 +391,23 @@ def parse_config(text: str, model_dir: Path) -> ModelConfig:
         model_filename=raw.default_model_filename or DEFAULT_MODEL_FILENAMES.get(platform, ""),
         description=_parameter(raw, "segserve.description") or "",
         raw=raw,
+        flip_average=_flip_average(raw),
+        pipeline=pipeline,
+        device=device,
     )
+
+
+def _pipeline(raw: mc.ModelConfig) -> tuple[str, str]:
+    """segserve.pipeline and segserve.device, checked (the device's existence is checked when
+    the model loads, where torch is imported)."""
+    pipeline = (_parameter(raw, "segserve.pipeline") or "host").strip().lower()
+    if pipeline not in PIPELINES:
+        raise ModelConfigError(f"segserve.pipeline {pipeline[:40]!r} is not one of {PIPELINES}")
+    device = (_parameter(raw, "segserve.device") or "cuda:0").strip().lower()
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise ModelConfigError(f'segserve.device {device[:40]!r} is not "cpu", "cuda" or "cuda:N"')
+    return pipeline, "cuda:0" if device == "cuda" else device
 
 
 def _class_names(label_filename: str, model_dir: Path) -> list[str]:
@@ -402,21 +463,31 @@ def _batching(raw: mc.ModelConfig) -> BatchingConfig:
     )
 
 
-def scan_repository(root: Path) -> list[RepositoryEntry]:
-    """Lists every model folder of `root`; a folder that fails to parse carries its error."""
-    entries = []
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        versions = {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()}
-        entry = RepositoryEntry(name=model_dir.name, path=model_dir, versions=versions)
-        config_path = model_dir / CONFIG_FILE
-        try:
+def model_dirs(root: Path) -> list[Path]:
+    """The model folders of `root`, by name (hidden folders are not models)."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_entry(model_dir: Path, config_text: str | None = None) -> RepositoryEntry:
+    """One model folder; config_text (None: its config.pbtxt) replaces the file's text. A
+    folder that fails to parse carries its error."""
+    versions = {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()}
+    entry = RepositoryEntry(name=model_dir.name, path=model_dir, versions=versions)
+    config_path = model_dir / CONFIG_FILE
+    try:
+        if config_text is None:
             if not config_path.is_file():
                 raise ModelConfigError(f"{config_path} is missing")
-            entry.config = parse_config(config_path.read_text(), model_dir)
-            if not versions:
-                raise ModelConfigError(f"{model_dir} has no numeric version folder")
-        except ModelConfigError as exc:
-            entry.error = str(exc)
-            log.error("model %s is invalid: %s", model_dir.name, exc)
-        entries.append(entry)
-    return entries
+            config_text = config_path.read_text()
+        entry.config = parse_config(config_text, model_dir)
+        if not versions:
+            raise ModelConfigError(f"{model_dir} has no numeric version folder")
+    except ModelConfigError as exc:
+        entry.error = str(exc)
+        log.error("model %s is invalid: %s", model_dir.name, exc)
+    return entry
+
+
+def scan_repository(root: Path) -> list[RepositoryEntry]:
+    """Lists every model folder of `root`; a folder that fails to parse carries its error."""
+    return [scan_entry(model_dir) for model_dir in model_dirs(root)]

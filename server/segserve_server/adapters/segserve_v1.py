@@ -287,6 +287,7 @@ def model_info(model: Model, version: ModelVersion | None) -> pb.ModelInfo:
     # What runs, not what config.pbtxt asks (CPU lanes run one image at a time).
     batching = version.ready.batcher.batching if version and version.ready else config.batching
     info.platform = config.platform
+    info.pipeline = f"device:{config.device}" if config.pipeline == "device" else "host"
     info.input_width, info.input_height = config.input_width, config.input_height
     info.outputs_labels = config.outputs_labels
     info.has_confidence = has_confidence(config)

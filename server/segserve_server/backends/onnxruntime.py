@@ -23,10 +23,10 @@ import onnxruntime as ort
 from segserve_server.backends.base import SyncBackend, stack_outputs
 from segserve_server.cpus import available_cpus
 from segserve_server.errors import ModelConfigError
-from segserve_server.model_repository import ModelConfig
+from segserve_server.model_repository import ModelConfig, flip_average_filename
 from segserve_server.settings import Settings
 
-__all__ = ["OnnxRuntimeBackend", "choose_providers", "cpu_count"]
+__all__ = ["OnnxRuntimeBackend", "choose_providers", "cpu_count", "provider_options"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,27 @@ def choose_providers(config: ModelConfig, settings: Settings) -> list[str]:
     return [*chosen, "CPUExecutionProvider"]
 
 
+def provider_options(
+    providers: list[str], config: ModelConfig, model_path: Path
+) -> list[dict[str, str]]:
+    """Options per provider: the GPU of segserve.device for CUDA and TensorRT; TensorRT builds
+    FP16 engines and caches them (and its timing cache) beside the model, in .ort_trt_cache."""
+    device_id = config.device.partition(":")[2] or "0"
+    cache = str(model_path.parent / ".ort_trt_cache")
+    options: dict[str, dict[str, str]] = {
+        "CUDAExecutionProvider": {"device_id": device_id},
+        "TensorrtExecutionProvider": {
+            "device_id": device_id,
+            "trt_fp16_enable": "True",
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": cache,
+            "trt_timing_cache_enable": "True",
+            "trt_timing_cache_path": cache,
+        },
+    }
+    return [options.get(p, {}) for p in providers]
+
+
 def cpu_count() -> int:
     """Cores this process may run on (affinity, capped by a container's CPU quota)."""
     return available_cpus()
@@ -69,6 +90,14 @@ class OnnxRuntimeBackend(SyncBackend):
             else 0
         )
         threads = 1 if self._lanes else settings.ort_intra_op_threads
+        if config.flip_average:  # the variant `segserve flip-average` wrote beside the model
+            model_path = model_path.with_name(flip_average_filename(model_path.name))
+            if not model_path.is_file():
+                raise ModelConfigError(
+                    f"segserve.flip_average is true but {model_path} is missing; write it with "
+                    f"`segserve flip-average {config.name}`"
+                )
+        self._provider_options = provider_options(providers, config, model_path)
         session = self._load(model_path, providers, threads)
         # Both None once closed.
         self._session: ort.InferenceSession | None = session
@@ -83,8 +112,7 @@ class OnnxRuntimeBackend(SyncBackend):
         self._provider: str = session.get_providers()[0]
         self._warm_up(config)
 
-    @staticmethod
-    def _load(model_path: Path, providers: list[str], threads: int) -> ort.InferenceSession:
+    def _load(self, model_path: Path, providers: list[str], threads: int) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
@@ -93,7 +121,12 @@ class OnnxRuntimeBackend(SyncBackend):
         options.log_severity_level = 3
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            return ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+            return ort.InferenceSession(
+                str(model_path),
+                sess_options=options,
+                providers=providers,
+                provider_options=self._provider_options,
+            )
         except Exception as exc:  # onnxruntime raises its own untyped errors on bad models
             raise ModelConfigError(f"onnxruntime cannot load {model_path}: {exc}") from exc
 

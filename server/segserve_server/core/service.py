@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from segserve_client import masks
+from segserve_server.auth import authorize_model
 from segserve_server.core.models import ModelManager, ReadyVersion
 from segserve_server.core.requests import (
     Admission,
@@ -86,6 +87,7 @@ class SegmentationCore:
         self.metrics = metrics or Metrics()
         self.models = ModelManager(settings, self.metrics)
         self._limits = decode.ImageLimits(settings.max_image_pixels, settings.max_image_side)
+        self._auth_required = bool(settings.auth_tokens_file or settings.auth_tokens)
 
     async def start(self) -> None:
         cv2.setNumThreads(1)  # requests run in parallel in the pool; no nested thread pools
@@ -93,6 +95,7 @@ class SegmentationCore:
             self.settings.worker_threads, thread_name_prefix="segserve-cpu"
         )
         await self.models.load_all()
+        self.models.start_polling()
 
     def abandon(self, message: str, *, waited_s: float) -> int:
         """A drain's budget ran out: fails every request the models still hold (running or
@@ -103,6 +106,7 @@ class SegmentationCore:
     async def stop(self, timeout_s: float | None = None) -> int:
         """Answers the requests accepted so far, then releases models and threads. Returns how
         many requests were failed because timeout_s ran out."""
+        await self.models.stop_polling()
         failed = await self.models.stop(timeout_s)
         self._pool.shutdown(wait=True, cancel_futures=False)
         return failed
@@ -200,10 +204,21 @@ class SegmentationCore:
             self.metrics.requests.labels(label, code).inc()
 
     async def _segment(self, request: SegmentInput, deadline_s: float | None) -> SegmentOutput:
-        started = time.perf_counter()
+        authorize_model(request.model, required=self._auth_required)  # scope; stream frames' rate
         encodings = check_encodings(request.encodings)
         check_annotation_formats(request.annotations, request.polygon_tolerance_px)
-        model = self.models.get(request.model, request.version)
+        # Leased until answered: a hot reload retires this version only after that.
+        with self.models.lease(request.model, request.version) as model:
+            return await self._segment_on(model, request, encodings, deadline_s)
+
+    async def _segment_on(
+        self,
+        model: ReadyVersion,
+        request: SegmentInput,
+        encodings: tuple[MaskEncoding, ...],
+        deadline_s: float | None,
+    ) -> SegmentOutput:
+        started = time.perf_counter()
         config = model.config
         if request.include_confidence:
             _check_confidence(config, request.confidence_threshold)
@@ -226,15 +241,21 @@ class SegmentationCore:
         if request.output_model_size:
             width, height = config.input_width, config.input_height
         output = await self._in_pool(
-            self._finish, outcome.output, config, width, height, encodings, request, timings
+            self._finish, outcome.output, config, width, height, encodings, request, timings, model
         )
         output.model_version = model.version
         output.timings.total = time.perf_counter() - started
         return output
 
     async def _infer_tensors(self, request: TensorInput, deadline_s: float | None) -> TensorOutput:
+        authorize_model(request.model, required=self._auth_required)
+        with self.models.lease(request.model, request.version) as model:
+            return await self._infer_tensors_on(model, request, deadline_s)
+
+    async def _infer_tensors_on(
+        self, model: ReadyVersion, request: TensorInput, deadline_s: float | None
+    ) -> TensorOutput:
         started = time.perf_counter()
-        model = self.models.get(request.model, request.version)
         batch = request.batch
         if batch.ndim == 0 or batch.shape[0] == 0:
             raise InvalidArgument(
@@ -271,6 +292,8 @@ class SegmentationCore:
         if admission.superseded is not None and admission.superseded():
             raise FrameDropped("a newer frame of the stream came before this one was decoded")
         config = model.config
+        if config.pipeline == "device":
+            return self._prepare_on_device(image, model, timings, ignore_exif_orientation)
         watch = _Stopwatch()
         if isinstance(image, decode.RawPixels):
             decoded = decode.from_raw(image, self._limits)
@@ -292,6 +315,27 @@ class SegmentationCore:
         timings.preprocess = watch.lap()
         return tensor, decoded.original_width, decoded.original_height
 
+    def _prepare_on_device(
+        self,
+        image: bytes | memoryview | decode.RawPixels,
+        model: ReadyVersion,
+        timings: StageTimings,
+        ignore_exif_orientation: bool,
+    ) -> tuple[np.ndarray, int, int]:
+        """segserve.pipeline "device" (pipeline/device.py, imported only for such models): the
+        tensor stays on the device and the batcher queues its handle (backends/device.py)."""
+        from segserve_server.pipeline.device import pipeline_for
+
+        config = model.config
+        min_size = (
+            (config.input_width, config.input_height) if self.settings.jpeg_dct_scaling else None
+        )
+        prepared = pipeline_for(model.backend, config, self._limits).prepare(
+            image, min_size=min_size, ignore_exif_orientation=ignore_exif_orientation
+        )
+        timings.decode, timings.preprocess = prepared.decode_s, prepared.preprocess_s
+        return prepared.handle, prepared.width, prepared.height
+
     def _finish(
         self,
         model_output: np.ndarray,
@@ -301,8 +345,23 @@ class SegmentationCore:
         encodings: tuple[MaskEncoding, ...],
         request: SegmentInput,
         timings: StageTimings,
+        model: ReadyVersion | None = None,
     ) -> SegmentOutput:
-        """Postprocess and encode, in a worker thread."""
+        """Postprocess and encode, in a worker thread (postprocess on the device for a model on
+        the device pipeline: `model_output` is then its output's handle)."""
+        watch = _Stopwatch()
+        done = None
+        if model is not None and config.pipeline == "device":
+            from segserve_server.pipeline.device import pipeline_for
+
+            done = pipeline_for(model.backend, config, self._limits).postprocess(
+                model_output,
+                width,
+                height,
+                count_pixels=request.include_pixel_counts,
+                confidence=request.include_confidence,
+            )
+        device_s = watch.lap()
         output = finish_output(
             model_output,
             config,
@@ -317,8 +376,10 @@ class SegmentationCore:
             confidence_threshold=(
                 request.confidence_threshold if request.include_confidence else None
             ),
+            done=done,
         )
-        timings.postprocess, timings.encode = output.timings.postprocess, output.timings.encode
+        timings.postprocess = device_s + output.timings.postprocess
+        timings.encode = output.timings.encode
         output.timings = timings
         return output
 
@@ -336,14 +397,16 @@ def finish_output(
     annotations: tuple[AnnotationFormat, ...] = (),
     polygon_tolerance_px: float = 0.0,
     confidence_threshold: float | None = None,
+    done: postprocess.Postprocessed | None = None,
 ) -> SegmentOutput:
-    """One image's model output to its answer: postprocess, then encode. With a
-    confidence_threshold, also the confidence map and the review scores.
+    """One image's model output to its answer: postprocess (unless `done`: the device
+    pipeline's), then encode. With a confidence_threshold, also the confidence map and the
+    review scores.
 
     Sets the postprocess and encode seconds of the returned timings.
     """
     watch = _Stopwatch()
-    done = postprocess.postprocess(
+    done = done or postprocess.postprocess(
         model_output,
         config,
         width,
