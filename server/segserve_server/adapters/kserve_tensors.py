@@ -137,7 +137,12 @@ def decode_inputs(
                     array = np.array(values, dtype=dtype)
                 except OverflowError as exc:
                     raise InvalidArgument(f"input {tensor.name!r}: {exc}") from exc
-        tensors[tensor.name] = array.reshape(shape)
+        try:
+            tensors[tensor.name] = array.reshape(shape)
+        except ValueError as exc:  # empty, yet a dim past what numpy can index (0 x 2**62)
+            raise InvalidArgument(
+                f"input {tensor.name!r} has shape {list(shape)}, larger than an array can be"
+            ) from exc
     return tensors
 
 
@@ -186,7 +191,7 @@ def parse_version(text: str) -> int:
     the serving version."""
     if not text or text.strip() == "-1":
         return 0
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # str.isdigit takes '²' and '١' too
         raise InvalidArgument(
             f"model version {text!r} is not a version number ('' or -1: the serving one)"
         )

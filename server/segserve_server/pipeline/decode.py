@@ -109,6 +109,29 @@ def _webp_size(data: bytes) -> tuple[int, int]:
     raise InvalidArgument("WebP is truncated or corrupt: no VP8/VP8L/VP8X header")
 
 
+_MAX_PNG_CHUNKS = 1 << 17  # 64 MiB of 512-byte IDATs; encoders write 8 KiB or more each
+
+
+def _check_png_chunks(data: bytes | memoryview) -> None:
+    """Every chunk's length fits in the data, up to IEND. OpenCV's reader allocates what a
+    length says before it reads: a 1.3 KB PNG whose IDAT claimed 4 GB held a decode thread
+    for 30 s (a fuzz finding). Data that ends at a chunk boundary is left to the decoder."""
+    view = memoryview(data)
+    pos, end = 8, len(view)
+    for _ in range(_MAX_PNG_CHUNKS):
+        if pos + 12 > end or bytes(view[pos + 4 : pos + 8]) == b"IEND":
+            return
+        (length,) = struct.unpack_from(">I", view, pos)
+        if length > end - pos - 12:
+            kind = bytes(view[pos + 4 : pos + 8]).decode("latin-1")
+            raise InvalidArgument(
+                f"PNG is corrupt or truncated: chunk {kind!r} at byte {pos} says {length} bytes, "
+                f"{end - pos - 12} remain"
+            )
+        pos += 12 + length
+    raise InvalidArgument(f"PNG has more than {_MAX_PNG_CHUNKS} chunks")
+
+
 def _bmp_size(data: bytes) -> tuple[int, int]:
     if len(data) < 26:
         raise InvalidArgument("BMP is truncated: header incomplete")
@@ -194,6 +217,8 @@ def decode(
         except ValueError as exc:
             raise InvalidArgument(f"JPEG does not decode: {exc}") from exc
     else:
+        if fmt == "PNG":
+            _check_png_chunks(data)
         flag = cv2.IMREAD_COLOR_RGB if order == "RGB" else cv2.IMREAD_COLOR_BGR
         flag |= cv2.IMREAD_IGNORE_ORIENTATION  # applied below, from our own parse
         pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
