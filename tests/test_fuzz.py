@@ -23,28 +23,34 @@ EXAMPLES = 200  # per target: under a second each on an idle machine
 HANG_S = 30.0  # far past any input's time (milliseconds): only a hang reaches it
 
 
-def load_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("segserve_fuzz", ROOT / "tools" / "fuzz.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+def load_tool() -> tuple[ModuleType, ModuleType]:
+    """tools/fuzz.py (the runner) and tools/fuzz_targets.py, with tools/ on sys.path while they
+    load, as when run as a script."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        spec = importlib.util.spec_from_file_location("segserve_fuzz", ROOT / "tools" / "fuzz.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+        return module, importlib.import_module("fuzz_targets")
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
 
 
-fuzz = load_tool()
+fuzz, targets = load_tool()
 
 
 @pytest.fixture(scope="module")
 def tensor_api() -> Iterator[object]:
     """The KServe target's real TensorAPI (the bundled synthetic model, loaded)."""
-    with fuzz.LoadedTensorAPI() as api:
+    with targets.LoadedTensorAPI() as api:
         yield api
 
 
-@pytest.mark.parametrize("name", list(fuzz.TARGETS))
+@pytest.mark.parametrize("name", list(targets.TARGETS))
 def test_target_raises_only_segserve_errors(name, tensor_api):
-    tally = fuzz.run_target(fuzz.TARGETS[name], EXAMPLES, fuzz.Tally(), random_seed=None)
+    tally = fuzz.run_target(targets.TARGETS[name], EXAMPLES, fuzz.Tally(), random_seed=None)
     assert tally.inputs >= EXAMPLES
     bugs = "\n".join(f"{kind}: {trace}" for kind, (_, trace) in tally.bugs.items())
     assert tally.bug_count == 0, bugs
@@ -55,8 +61,8 @@ def test_target_raises_only_segserve_errors(name, tensor_api):
 
 
 def test_every_seed_is_a_real_image_that_decodes():
-    for name, data in fuzz.SEEDS.items():
-        image = decode(data, fuzz.LIMITS)
+    for name, data in targets.SEEDS.items():
+        image = decode(data, targets.LIMITS)
         assert image.pixels.shape[2] == 3, name
 
 
@@ -68,7 +74,7 @@ def test_the_harness_counts_what_is_not_a_segserve_error():
             raise ValueError("boom")
         raise InvalidArgument("refused")
 
-    target = fuzz.Target("flaky", lambda: fuzz.mutated(fuzz.SEED_LIST), flaky)
+    target = targets.Target("flaky", lambda: targets.mutated(targets.SEED_LIST), flaky)
     tally = fuzz.run_target(target, 100, fuzz.Tally(), random_seed=None)
     assert tally.bug_count > 0 and tally.outcomes["InvalidArgument"] > 0
     (case, trace) = tally.bugs["BUG ValueError"]
