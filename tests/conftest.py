@@ -30,6 +30,7 @@ CAMVID = Path(os.environ.get("SEGSERVE_CAMVID", ROOT.parent / "shared" / "data" 
 # Test servers (in-process and `segserve serve` subprocesses) pick a free KServe port rather than
 # Triton's fixed 8001.
 os.environ.setdefault("SEGSERVE_KSERVE_PORT", "0")
+os.environ.setdefault("SEGSERVE_HTTP_PORT", "0")  # and HTTP port, not Triton's 8000
 
 # Model input sizes of the test repository.
 H, W = 48, 64

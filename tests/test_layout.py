@@ -185,6 +185,9 @@ def test_the_wheel_ships_no_test_harness(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("segserve_server/core/") for n in names)
     assert any(n.startswith("segserve_client/") for n in names)
+    console = SERVER / "adapters" / "console"
+    for static in sorted(console.iterdir()):  # the browser console's files are package data
+        assert f"segserve_server/adapters/console/{static.name}" in names, static.name
     shipped = sorted({n.split("/")[0] for n in names})
     assert not any(n.startswith("tests/") for n in names), shipped
     for harness in ("synthetic_models", "triton_local", "python_backend", "conftest"):

@@ -1,8 +1,9 @@
 """The segserve process: grpc.aio server with segserve.v1, health, reflection, metrics and drain,
-and a second grpc.aio server on `kserve_port` speaking the KServe v2 / Triton protocol.
+a second grpc.aio server on `kserve_port` speaking the KServe v2 / Triton protocol, and the HTTP
+port (`http_port`: KServe v2 REST, /v1 REST, the console; adapters.http_app) beside them.
 
 Drain (SIGTERM/SIGINT or Server.stop): health turns NOT_SERVING, streams stop reading frames,
-new calls are refused, every accepted request is answered (up to drain_timeout_s), then the
+new calls are refused (the HTTP port stops accepting connections), every accepted request is answered (up to drain_timeout_s), then the
 models are released and the process exits. If drain_timeout_s runs out first, the calls still
 running are answered UNAVAILABLE by segserve ("drain timeout ... ran out") before gRPC cancels
 them, and `serve` returns False (`segserve serve` exits 1).
@@ -23,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from segserve.v1 import segserve_pb2 as pb
 from segserve_server.adapters.auth_grpc import AuthInterceptor
+from segserve_server.adapters.http_app import HttpServer, HttpState, build_app
 from segserve_server.adapters.kserve_v2 import SERVICE_NAME as KSERVE_SERVICE
 from segserve_server.adapters.kserve_v2 import KServeServicer, kserve_handler
 from segserve_server.adapters.repository_v1 import REPOSITORY_SERVICE, repository_handler
@@ -67,6 +69,11 @@ class Server:
         self.core = SegmentationCore(settings)
         self._credentials = server_credentials(settings)
         tokens = load_tokens(file=settings.auth_tokens_file, env=settings.auth_tokens)
+        self._tokens = tokens
+        # One Triton-protocol view for the KServe gRPC and HTTP ports: shared statistics.
+        self.tensors = TensorAPI(
+            self.core, max_images_per_request=settings.kserve_max_images_per_request
+        )
         self._interceptors = (
             []
             if tokens is None
@@ -75,6 +82,8 @@ class Server:
         self.port = 0
         self.kserve_port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self._http: HttpServer | None = None
         self._metrics_server: WSGIServer | None = None
         self._kserve: grpc.aio.Server | None = None
         self.drain_timed_out = False
@@ -116,6 +125,10 @@ class Server:
         await self._grpc.start()
         if self._kserve is not None:
             await self._kserve.start()
+        if s.http_port is not None:
+            state = HttpState(self.core, self.tensors, s, self._draining)
+            self._http = HttpServer(build_app(state, self._tokens), s)
+            self.http_port = await self._http.start(s.host, s.http_port)
         self.core.models.watch(self._availability_changed)
         await self._set_health()
         if s.metrics_port is not None:
@@ -131,6 +144,13 @@ class Server:
         )
         if self.kserve_port is not None:
             log.info("KServe v2 / Triton protocol on %s:%d", s.host, self.kserve_port)
+        if self.http_port is not None:
+            log.info(
+                "HTTP (KServe v2 REST, /v1 REST, console) on %s://%s:%d",
+                "https" if self._http is not None and self._http.tls else "http",
+                s.host,
+                self.http_port,
+            )
         log.info(
             "gRPC ports: %s; %s",
             "TLS" + (" with client certificates" if s.tls_client_ca_file else "")
@@ -143,9 +163,7 @@ class Server:
         """inference.GRPCInferenceService, with health and reflection, as Triton's port has."""
         server = grpc.aio.server(options=options, interceptors=self._interceptors)
         servicer = KServeServicer(
-            TensorAPI(
-                self.core, max_images_per_request=self.settings.kserve_max_images_per_request
-            ),
+            self.tensors,
             max_inflight_requests=self.settings.stream_max_inflight_frames,
             deadline_margin_s=self.settings.stream_deadline_margin_s,
         )
@@ -209,9 +227,10 @@ class Server:
             servers = [self._grpc] if self._kserve is None else [self._grpc, self._kserve]
             # gRPC cancels every call still running when its grace ends: give it a little
             # more than the budget, so that at the budget's end segserve answers them first.
-            rpcs = asyncio.ensure_future(
-                asyncio.gather(*(server.stop(budget_s + ANSWER_GRACE_S) for server in servers))
-            )
+            stops = [server.stop(budget_s + ANSWER_GRACE_S) for server in servers]
+            if self._http is not None:  # stops accepting now, answers what it accepted
+                stops.append(self._http.stop(budget_s + ANSWER_GRACE_S))
+            rpcs = asyncio.ensure_future(asyncio.gather(*stops))
             done, _ = await asyncio.wait({rpcs}, timeout=max(0.0, ends_s - time.monotonic()))
             if not done:
                 self.drain_timed_out = True

@@ -27,6 +27,7 @@ from segserve_server.cpus import available_cpus
 __all__ = ["MIB", "Settings", "check_tls_files", "check_url", "load_settings"]
 
 MIB = 1024 * 1024
+_ORIGIN = re.compile(r"^https?://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+)(:\d{1,5})?$")
 _URL = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
 
@@ -90,7 +91,7 @@ class Settings(BaseSettings):
     """The Triton-style model repository to serve (one folder per model)."""
 
     host: str = "0.0.0.0"
-    """Address the gRPC and metrics servers bind to."""
+    """Address the gRPC, HTTP and metrics servers bind to."""
 
     port: int = Field(50051, ge=0, le=65535)
     """gRPC port of the segserve.v1 API, health and reflection; 0 picks a free port."""
@@ -108,9 +109,22 @@ class Settings(BaseSettings):
     own 8001): every model with raw tensors, and `<model>.image` with encoded images. 0 picks a
     free port; "off" disables it."""
 
+    http_port: int | None = Field(8000, ge=0, le=65535)
+    """HTTP port (as Triton's own 8000): the KServe v2 REST protocol under /v2, the plain REST
+    endpoint POST /v1/models/{name}/segment and the browser console at /console/ (docs/http.md).
+    Same TLS, tokens and limits as the gRPC ports. 0 picks a free port; "off" disables it."""
+
+    http_cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, json_schema_extra={"flag": "http-cors-origin"}
+    )
+    """Origins (scheme://host[:port], or "*") whose browser scripts may call the HTTP port
+    (CORS). Empty (the default): CORS is off, only same-origin pages (the console) may. The flag
+    repeats; the environment variable takes a comma-separated list."""
+
     tls_cert_file: Path | None = None
-    """PEM certificate chain of the gRPC ports (both): with tls_key_file, every gRPC port speaks
-    TLS only. Both or neither; checked at start to exist and to load with the key."""
+    """PEM certificate chain of the gRPC ports and the HTTP port: with tls_key_file, each of them
+    speaks TLS only (HTTPS on the HTTP port). Both or neither; checked at start to exist and to
+    load with the key."""
 
     tls_key_file: Path | None = Field(None, validate_default=True)
     """PEM private key of tls_cert_file (keep it readable by the server's user only)."""
@@ -130,8 +144,9 @@ class Settings(BaseSettings):
     give them in the environment (SEGSERVE_AUTH_TOKENS), not the flag, which `ps` shows."""
 
     health_requires_auth: bool = False
-    """Require a token for gRPC health, reflection and KServe ServerLive / ServerReady too (by
-    default they are open, for load balancers and orchestrators)."""
+    """Require a token for gRPC health, reflection and KServe ServerLive / ServerReady too, and on
+    the HTTP port for /v2/health/* and the console's files (by default they are open, for load
+    balancers and orchestrators)."""
 
     kserve_max_images_per_request: int = Field(64, ge=1)
     """Most images one KServe `<model>.image` request may carry (its IMAGE_BYTES batch)."""
@@ -232,7 +247,7 @@ class Settings(BaseSettings):
             raise ValueError(f"model repository {str(value)!r} is not a directory")
         return value
 
-    @field_validator("ort_providers", "triton_urls", mode="before")
+    @field_validator("ort_providers", "triton_urls", "http_cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         """Lists from the environment or a flag come as "a,b,c"."""
@@ -244,6 +259,18 @@ class Settings(BaseSettings):
     @classmethod
     def _check_urls(cls, value: list[str]) -> list[str]:
         return [check_url(url) for url in value]
+
+    @field_validator("http_cors_origins")
+    @classmethod
+    def _check_origins(cls, value: list[str]) -> list[str]:
+        """Browsers send an origin as scheme://host[:port]; anything else would never match."""
+        for origin in value:
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise ValueError(
+                    f"CORS origin {origin[:100]!r} is not scheme://host[:port] (no path, no "
+                    "trailing slash) or *"
+                )
+        return value
 
     @model_validator(mode="before")
     @classmethod
