@@ -7,7 +7,7 @@ METRICS_PORT ?= 9464
 # The Triton side of the Triton tests (a real tritonserver, numpy < 2): a venv of its own.
 TRITON_VENV ?= .venv-triton
 
-.PHONY: serve test test-quick lint install install-server clean triton-env
+.PHONY: serve test test-quick lint install install-server clean triton-env chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +45,23 @@ triton-env: $(TRITON_VENV)/.installed
 # Every tier (quick, slow, triton); plain `pytest` or `make test-quick` runs the quick one.
 test: lint
 	@$(MAKE) --no-print-directory triton-env || echo "Triton venv not created (see $(TRITON_VENV).error): the Triton tests will skip"
+	@$(MAKE) --no-print-directory chromium
 	$(BIN)/python -m pytest -m ""
+
+# The console's browser tests (tests/test_console.py) drive the system Chromium through Playwright;
+# installed with apt-get where that is usable (root), else they skip and say why.
+CHROMIUM ?= /usr/bin/chromium
+chromium:
+	@if [ -x "$(CHROMIUM)" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium with apt-get (for tests/test_console.py)"; \
+		{ DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
+		|| { apt-get update -q >/dev/null 2>&1 \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; } \
+		|| echo "apt-get could not install chromium: the console's browser tests will skip"; \
+	else \
+		echo "no $(CHROMIUM) and no root apt-get to install it: the console's browser tests will skip"; \
+	fi
 
 test-quick: $(BIN)/.installed-test
 	$(BIN)/python -m pytest
