@@ -219,6 +219,21 @@ async def test_timeout_header_is_the_deadline(http, server):
         error_of(response, 400, "INVALID_ARGUMENT", "request-timeout")
 
 
+async def test_a_client_that_disconnects_cancels_its_request(server):
+    """colour_batch4 holds a lone request 30 s for a batch of 4: the client gives up after
+    0.3 s, and the server drops the request at once (counted CANCELLED), as for gRPC."""
+    before = requests_counted(server, "colour_batch4", "CANCELLED")
+    base = f"http://127.0.0.1:{server.http_port}"
+    async with httpx.AsyncClient(base_url=base, timeout=0.3) as impatient:
+        with pytest.raises(httpx.ReadTimeout):
+            await impatient.post("/v1/models/colour_batch4/segment", content=PNG)
+    limit = asyncio.get_running_loop().time() + 10  # far below the model's 30 s wait
+    while requests_counted(server, "colour_batch4", "CANCELLED") < before + 1:
+        assert asyncio.get_running_loop().time() < limit, "the request was not cancelled"
+        await asyncio.sleep(0.02)
+    assert server.core.models.get("colour_batch4").batcher.queue_depth == 0
+
+
 async def test_stats_and_metrics_count_http_requests(http, server):
     before = (await http.get("/v1/stats")).json()
     ok_before = requests_counted(server, "colour", "OK")

@@ -35,6 +35,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import uvicorn
@@ -56,6 +57,8 @@ from segserve_server.core.tensors import TensorAPI
 from segserve_server.errors import InvalidArgument, SegserveError
 from segserve_server.settings import Settings
 
+T = TypeVar("T")
+
 __all__ = [
     "CONSOLE_DIR",
     "EXPOSED_HEADERS",
@@ -64,6 +67,7 @@ __all__ = [
     "TIMEOUT_HEADERS",
     "AuthMiddleware",
     "BodyTooLarge",
+    "ClientGone",
     "HttpServer",
     "HttpState",
     "build_app",
@@ -77,6 +81,7 @@ __all__ = [
     "principal_of",
     "read_body",
     "state_of",
+    "unless_disconnected",
 ]
 
 log = logging.getLogger(__name__)
@@ -126,6 +131,40 @@ class BodyTooLarge(SegserveError):
     """A request body over max_receive_message_bytes (gRPC's RESOURCE_EXHAUSTED; HTTP 413)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class ClientGone(SegserveError):
+    """The HTTP client closed the connection before its answer (gRPC's CANCELLED; HTTP 499)."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Runs `work` (a core call) until it ends, or until the client disconnects first: then the
+    work is cancelled, as a gRPC call whose client goes away (its requests leave the queue, the
+    core counts them CANCELLED), and ClientGone is raised. Call it once the body is read."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, SegserveError):
+            await task
+        raise ClientGone("the client closed the connection before the answer")
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client disconnects (after the body, the server's receive says only
+    that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @dataclass

@@ -44,6 +44,7 @@ from segserve_server.adapters.http_app import (
     endpoint,
     may_use,
     read_body,
+    unless_disconnected,
 )
 from segserve_server.adapters.kserve_tensors import to_infer_request
 from segserve_server.adapters.kserve_v2 import KServeServicer
@@ -438,7 +439,7 @@ class _Routes:
         api = self._state.tensors
         infer_request = to_infer_request(grpc_request, api)
         input_s = time.perf_counter() - started
-        result = await api.infer(infer_request, deadline_s)
+        result = await unless_disconnected(request, api.infer(infer_request, deadline_s))
         started = time.perf_counter()
         specs = api.outputs(api.route(result.model))
         response = _infer_response(

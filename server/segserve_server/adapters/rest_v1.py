@@ -34,6 +34,7 @@ from segserve_server.adapters.http_app import (
     may_use,
     read_body,
     state_of,
+    unless_disconnected,
 )
 from segserve_server.core.models import Model
 from segserve_server.core.requests import (
@@ -245,7 +246,9 @@ async def _segment(request: Request) -> Response:
     image = await _image_of(request, await read_body(request, limit), limit)
     if not image:
         raise InvalidArgument("request has no image (send the image bytes as the body)")
-    output = await state.core.segment(query.segment_input(name, image), deadline_s)
+    output = await unless_disconnected(
+        request, state.core.segment(query.segment_input(name, image), deadline_s)
+    )
     headers = {
         "Segserve-Model": output.model,
         "Segserve-Model-Version": str(output.model_version),
