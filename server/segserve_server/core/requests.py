@@ -18,14 +18,17 @@ from segserve_server.pipeline.encode import (
     Region,
 )
 from segserve_server.pipeline.postprocess import Scores
+from segserve_server.pipeline.scaling import DecodeOptions, Scaling
 
 __all__ = [
     "Admission",
     "AnnotationFormat",
     "ClassAnnotation",
     "ClassCount",
+    "DecodeOptions",
     "MaskEncoding",
     "Region",
+    "Scaling",
     "Scores",
     "SegmentInput",
     "SegmentOutput",
@@ -52,6 +55,8 @@ class SegmentInput:
     include_confidence: bool = False  # confidence map, per-class means, review scores
     confidence_threshold: float = 0.5
     ignore_exif_orientation: bool = False  # decode in stored, not display, orientation
+    decode_options: DecodeOptions = field(default_factory=DecodeOptions)  # wide samples, bands
+    map_coordinates: bool = False  # polygons also in the GeoTIFF source's map coordinates
 
 
 @dataclass

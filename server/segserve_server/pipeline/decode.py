@@ -11,6 +11,11 @@ to the decoded pixels, so the pixels, and the original size reported, are in dis
 (what image viewers and annotation tools show); `ignore_exif_orientation` keeps the stored one.
 The size limits apply to the stored size (the same pixel count). The EXIF parser reads only the
 header bytes, bounded; malformed EXIF is ignored (orientation 1).
+
+16-bit PNGs become 8-bit by the request's `DecodeOptions` scaling (pipeline/scaling.py; default
+SHIFT, the top 8 bits, what OpenCV's 8-bit conversion gave before). DICOM and TIFF / GeoTIFF
+(the `formats` extra) are sniffed here and decoded by pipeline/formats_dicom.py and
+formats_geotiff.py, imported only when such an image arrives.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ import numpy as np
 import simplejpeg
 
 from segserve_server.errors import InvalidArgument
+from segserve_server.pipeline.scaling import DecodeOptions, Scaling, to_uint8
 
 __all__ = [
     "FAST_DCT_SCALES",
     "RAW_CHANNELS",
     "ChannelOrder",
+    "DecodeOptions",
     "DecodedImage",
     "ImageLimits",
     "RawPixels",
@@ -39,6 +46,7 @@ __all__ = [
     "exif_orientation",
     "from_raw",
     "image_size",
+    "reduced_scale",
     "sniff_format",
     "tiff_orientation",
 ]
@@ -84,9 +92,30 @@ def sniff_format(data: bytes | memoryview) -> str:
         return "WebP"
     if head.startswith(b"BM"):
         return "BMP"
+    if len(data) >= 132 and bytes(data[128:132]) == b"DICM":
+        return "DICOM"
+    if _tiff_ifd_plausible(data):
+        return "TIFF"
     raise InvalidArgument(
-        f"unrecognised image format (first bytes {head[:8].hex()}); send JPEG, PNG, WebP or BMP"
+        f"unrecognised image format (first bytes {head[:8].hex()}); send JPEG, PNG, WebP, BMP, "
+        "DICOM (Part 10) or TIFF (its IFD0 offset within the file)"
     )
+
+
+def _tiff_ifd_plausible(data: bytes | memoryview) -> bool:
+    """A TIFF or BigTIFF header whose IFD0 offset points past the header and into the data."""
+    head = bytes(data[:16])
+    endian = "<" if head[:2] == b"II" else ">" if head[:2] == b"MM" else ""
+    if not endian or len(head) < 8:
+        return False
+    (magic,) = struct.unpack(endian + "H", head[2:4])
+    if magic == 42:
+        offset: int = struct.unpack(endian + "I", head[4:8])[0]
+        return 8 <= offset < len(data)
+    if magic == 43 and len(head) == 16:
+        offset = struct.unpack(endian + "Q", head[8:16])[0]
+        return 16 <= offset < len(data)
+    return False
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
@@ -155,6 +184,14 @@ def image_size(data: bytes | memoryview, fmt: str) -> tuple[int, int]:
     """(width, height) from the header of an encoded image, without decoding it."""
     if fmt == "JPEG":
         return _jpeg_size(data)
+    if fmt == "DICOM":
+        from segserve_server.pipeline import formats_dicom
+
+        return formats_dicom.dicom_size(formats_dicom.read_header(data))
+    if fmt == "TIFF":
+        from segserve_server.pipeline import formats_geotiff
+
+        return formats_geotiff.tiff_size(data)
     head = bytes(data[:32])
     return {"PNG": _png_size, "WebP": _webp_size, "BMP": _bmp_size}[fmt](head)
 
@@ -188,6 +225,23 @@ def dct_scaled_size(width: int, height: int, min_size: tuple[int, int] | None) -
     return 0, 0
 
 
+_REDUCED_FLAGS = {1: 0, 2: 16, 4: 32, 8: 64}  # OpenCV's IMREAD_REDUCED_* bit, colour-free
+
+
+def reduced_scale(width: int, height: int, min_size: tuple[int, int] | None) -> int:
+    """The denominator (8, 4, 2, or 1: full size) PNG, WebP and BMP are decoded at: the largest
+    whose size (width // d, height // d, as OpenCV's IMREAD_REDUCED_*) still covers min_size.
+    OpenCV decodes the full image into its own buffer and hands back only the reduced copy, so
+    a large image costs one full decoded copy at the peak, not two (its full-size decode is
+    copied again into the array it returns)."""
+    if min_size is None:
+        return 1
+    for denominator in FAST_DCT_SCALES:
+        if width // denominator >= min_size[0] and height // denominator >= min_size[1]:
+            return denominator
+    return 1
+
+
 def decode(
     data: bytes | memoryview,
     limits: ImageLimits,
@@ -195,14 +249,25 @@ def decode(
     order: Literal["RGB", "BGR"] = "RGB",
     min_size: tuple[int, int] | None = None,
     ignore_exif_orientation: bool = False,
+    options: DecodeOptions | None = None,
 ) -> DecodedImage:
-    """Decodes an encoded image into `order`; JPEGs at the smallest DCT scale >= min_size (w, h).
+    """Decodes an encoded image into `order`; JPEGs at the smallest DCT scale >= min_size (w, h),
+    8-bit PNG, WebP and BMP at `reduced_scale`.
 
     The pixels and original size are in display orientation: the EXIF orientation is applied
-    unless ignore_exif_orientation."""
+    unless ignore_exif_orientation. `options`: wide samples' scaling, TIFF bands, DICOM window."""
     if len(data) == 0:
         raise InvalidArgument("image is empty (0 bytes)")
     fmt = sniff_format(data)
+    options = options or DecodeOptions()
+    if fmt == "DICOM":
+        from segserve_server.pipeline.formats_dicom import decode_dicom
+
+        return decode_dicom(data, limits, options, order=order)
+    if fmt == "TIFF":
+        from segserve_server.pipeline.formats_geotiff import decode_tiff
+
+        return decode_tiff(data, limits, options, order=order)
     width, height = image_size(data, fmt)
     check_size(width, height, limits, f"{fmt} image")
     orientation = 1 if ignore_exif_orientation else exif_orientation(data, fmt)
@@ -219,12 +284,20 @@ def decode(
     else:
         if fmt == "PNG":
             _check_png_chunks(data)
-        flag = cv2.IMREAD_COLOR_RGB if order == "RGB" else cv2.IMREAD_COLOR_BGR
+        wide = fmt == "PNG" and len(data) > 24 and data[24] == 16  # IHDR bit depth 16
+        reduce = 1 if wide else reduced_scale(width, height, min_size)
+        if wide:
+            flag = cv2.IMREAD_UNCHANGED
+        else:
+            flag = cv2.IMREAD_COLOR_RGB if order == "RGB" else cv2.IMREAD_COLOR_BGR
+            flag |= _REDUCED_FLAGS[reduce]
         flag |= cv2.IMREAD_IGNORE_ORIENTATION  # applied below, from our own parse
         pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
         if pixels is None:
             raise InvalidArgument(f"{fmt} image does not decode: corrupt or truncated")
-        if pixels.shape[:2] != (height, width):
+        if wide:
+            pixels = _scaled_colour(pixels, options, order)
+        if pixels.shape[:2] != (height // reduce, width // reduce):
             raise InvalidArgument(
                 f"{fmt} header says {width}x{height} but the pixels are "
                 f"{pixels.shape[1]}x{pixels.shape[0]}"
@@ -234,6 +307,19 @@ def decode(
         if orientation >= 5:
             width, height = height, width
     return DecodedImage(pixels, order, width, height, fmt)
+
+
+def _scaled_colour(
+    pixels: np.ndarray, options: DecodeOptions, order: Literal["RGB", "BGR"]
+) -> np.ndarray:
+    """OpenCV's unchanged decode (grey, BGR or BGRA, any depth) as 8-bit colour in `order`, by
+    the request's scaling (default SHIFT: the top 8 bits). Alpha is dropped."""
+    if pixels.ndim == 3:
+        pixels = pixels[:, :, :3] if pixels.shape[2] >= 3 else pixels[:, :, 0]
+    pixels = to_uint8(pixels, options, default=Scaling.SHIFT)
+    if pixels.ndim == 2:
+        return cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
+    return np.ascontiguousarray(pixels[:, :, ::-1]) if order == "RGB" else pixels
 
 
 # EXIF orientation ------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ the annotation tools' per-class formats (COCO RLE, CVAT mask, Label Studio brush
 
 The codecs themselves are the client package's (`segserve_client.masks`), so the server writes
 exactly what the client decodes; the client installs with grpcio, protobuf and numpy alone.
+DICOM SEG and GeoTIFF masks (the `formats` extra) are pipeline/formats_dicom.py's and
+formats_geotiff.py's: they reference the source image, whose bytes they are given (`source`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
     "Region",
     "check_annotation_formats",
     "check_encodings",
+    "check_source_outputs",
     "encode_annotations",
     "encode_masks",
 ]
@@ -36,6 +39,8 @@ class MaskEncoding(enum.Enum):
     SRLE = "srle"
     PNG = "png"
     RAW = "raw"
+    DICOM_SEG = "dicom_seg"
+    GEOTIFF = "geotiff"
 
 
 DEFAULT_ENCODINGS = (MaskEncoding.SRLE,)
@@ -52,24 +57,77 @@ def check_encodings(encodings: tuple[MaskEncoding, ...]) -> tuple[MaskEncoding, 
     return encodings
 
 
+def check_source_outputs(
+    encodings: tuple[MaskEncoding, ...],
+    image: object,
+    *,
+    output_model_size: bool = False,
+    map_coordinates: bool = False,
+) -> None:
+    """Before anything runs: DICOM SEG needs a DICOM input at the original size, GeoTIFF masks
+    and map coordinates a TIFF input (its georeference is checked when the mask is written)."""
+    encoded = isinstance(image, bytes | memoryview)
+    head = bytes(image[:132]) if isinstance(image, bytes | memoryview) else b""
+    if MaskEncoding.DICOM_SEG in encodings:
+        if not (encoded and head[128:132] == b"DICM"):
+            raise InvalidArgument("MASK_ENCODING_DICOM_SEG needs a DICOM (Part 10) input image")
+        if output_model_size:
+            raise InvalidArgument(
+                "MASK_ENCODING_DICOM_SEG needs OUTPUT_SIZE_ORIGINAL (the source's size)"
+            )
+    tiff = encoded and head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+    if MaskEncoding.GEOTIFF in encodings and not tiff:
+        raise InvalidArgument("MASK_ENCODING_GEOTIFF needs a GeoTIFF input image")
+    if map_coordinates and not tiff:
+        raise InvalidArgument("map_coordinates needs a GeoTIFF input image")
+
+
 def encode_masks(
     labels: np.ndarray,
     encodings: Sequence[MaskEncoding],
     *,
     palette: list[tuple[int, int, int]] | None = None,
     zlib_level: int = 1,
+    source: bytes | memoryview | None = None,
+    class_names: list[str] | None = None,
+    model: str = "",
 ) -> list[tuple[MaskEncoding, bytes]]:
-    """Each encoding of `labels`, in the order asked; `palette` is embedded in PNGs if given."""
+    """Each encoding of `labels`, in the order asked; `palette` is embedded in PNGs if given.
+    DICOM_SEG and GEOTIFF need the encoded source image (`source`); DICOM_SEG labels its
+    segments with `class_names` and names `model` as the algorithm."""
     encoded = []
     for encoding in encodings:
         if encoding is MaskEncoding.SRLE:
             data = masks.encode_srle(labels, zlib_level=zlib_level)
         elif encoding is MaskEncoding.PNG:
             data = masks.encode_png(labels, palette=palette, zlib_level=zlib_level)
+        elif encoding in (MaskEncoding.DICOM_SEG, MaskEncoding.GEOTIFF):
+            if source is None:
+                raise InvalidArgument(f"mask encoding {encoding.value} needs an encoded image")
+            data = _source_mask(labels, encoding, source, class_names or [], model)
         else:
             data = labels.tobytes()
         encoded.append((encoding, data))
     return encoded
+
+
+def _source_mask(
+    labels: np.ndarray,
+    encoding: MaskEncoding,
+    source: bytes | memoryview,
+    class_names: list[str],
+    model: str,
+) -> bytes:
+    if encoding is MaskEncoding.DICOM_SEG:
+        from segserve_server import __version__
+        from segserve_server.pipeline.formats_dicom import encode_dicom_seg
+
+        return encode_dicom_seg(
+            labels, source, class_names, model=model or "segserve", software_version=__version__
+        )
+    from segserve_server.pipeline.formats_geotiff import encode_geotiff
+
+    return encode_geotiff(labels, source)
 
 
 class AnnotationFormat(enum.Enum):
@@ -96,6 +154,8 @@ class ClassAnnotation:
 class Region:
     outer: tuple[int, ...]  # x0, y0, x1, y1, ...
     holes: tuple[tuple[int, ...], ...] = ()
+    map_outer: tuple[float, ...] = ()  # the same in map coordinates, X0, Y0, ... (if asked)
+    map_holes: tuple[tuple[float, ...], ...] = ()
 
 
 def check_annotation_formats(
@@ -117,14 +177,27 @@ def _flat(points: list[list[int]]) -> tuple[int, ...]:
     return tuple(int(v) for point in points for v in point)
 
 
+_Affine = tuple[float, float, float, float, float, float]
+
+
+def _mapped(points: list[list[int]], affine: _Affine | None) -> tuple[float, ...]:
+    """Pixel vertices (x, y) through X = a*x + b*y + c, Y = d*x + e*y + f."""
+    if affine is None:
+        return ()
+    a, b, c, d, e, f = affine
+    return tuple(v for x, y in points for v in (a * x + b * y + c, d * x + e * y + f))
+
+
 def encode_annotations(
     labels: np.ndarray,
     formats: Sequence[AnnotationFormat],
     *,
     polygon_tolerance_px: float = 0.0,
+    map_affine: _Affine | None = None,
 ) -> list[ClassAnnotation]:
     """One ClassAnnotation per class present in `labels`, by ascending class id, in each
-    format asked for (the codecs of segserve_client.formats, shared with the client)."""
+    format asked for (the codecs of segserve_client.formats, shared with the client).
+    `map_affine` (pixel -> map): polygons also in map coordinates."""
     if not formats:
         return []
     coco = {c["class_id"]: c for c in formats_lib.coco_rle_per_class(labels)}
@@ -164,6 +237,10 @@ def encode_annotations(
                     Region(
                         _flat(region["outer"]),
                         tuple(_flat(hole) for hole in region["holes"]),
+                        _mapped(region["outer"], map_affine),
+                        tuple(_mapped(hole, map_affine) for hole in region["holes"])
+                        if map_affine is not None
+                        else (),
                     )
                     for region in polygons.get(class_id, ())
                 ),
