@@ -23,6 +23,15 @@ Which pipeline prepares images and reduces outputs (docs/gpu.md):
     segserve.pipeline             "host" (default: numpy and OpenCV on the CPU) or "device" (torch
                                   on segserve.device: decode, resize, normalise, argmax, resize back)
     segserve.device               "cuda", "cuda:N" or "cpu" (default "cuda:0"); device pipeline only
+
+Tiled inference of images larger than the model (core/tiling.py, docs/imaging.md):
+
+    segserve.tiling               "off" (default: every image is resized to the input) or "on"
+    segserve.tile_overlap_px      least overlap of neighbouring tiles, in model pixels (default 32,
+                                  or a quarter of the input's shorter side if less)
+    segserve.tile_scale           image pixels per model pixel (default 1: full resolution)
+    segserve.tile_blend           "auto" (scores or confidence where the model gives them) or
+                                  "centre" (each pixel from the tile whose centre is nearest)
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ __all__ = [
     "PriorityConfig",
     "QueuePolicy",
     "RepositoryEntry",
+    "TilingConfig",
     "default_palette",
     "flip_average_filename",
     "model_dirs",
@@ -116,6 +126,16 @@ class BatchingConfig:
 
 
 @dataclass(frozen=True)
+class TilingConfig:
+    """segserve.tiling*: whether images larger than the input are cut into tiles, and how."""
+
+    enabled: bool = False
+    overlap_px: int = 32
+    scale: float = 1.0
+    blend: str = "auto"  # or "centre"
+
+
+@dataclass(frozen=True)
 class ModelClass:
     id: int
     name: str
@@ -157,6 +177,8 @@ class ModelConfig:
     """segserve.pipeline: "host" (numpy on the CPU) or "device" (torch on `device`)."""
     device: str = "cuda:0"
     """segserve.device: where the device pipeline runs ("cuda:N" or "cpu")."""
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    """segserve.tiling, tile_overlap_px, tile_scale, tile_blend (core/tiling.py)."""
 
     @property
     def palette(self) -> list[tuple[int, int, int]]:
@@ -394,7 +416,44 @@ def parse_config(text: str, model_dir: Path) -> ModelConfig:
         flip_average=_flip_average(raw),
         pipeline=pipeline,
         device=device,
+        tiling=_tiling(raw, pipeline, height, width),
     )
+
+
+def _tiling(raw: mc.ModelConfig, pipeline: str, height: int, width: int) -> TilingConfig:
+    """segserve.tiling and its parameters, checked: the overlap below half the shorter side."""
+    mode = (_parameter(raw, "segserve.tiling") or "off").strip().lower()
+    if mode not in ("on", "off"):
+        raise ModelConfigError(f'segserve.tiling {mode[:40]!r} is not "on" or "off"')
+    overlap, scale = (
+        _parameter(raw, "segserve.tile_overlap_px"),
+        _parameter(raw, "segserve.tile_scale"),
+    )
+    blend = (_parameter(raw, "segserve.tile_blend") or "auto").strip().lower()
+    try:
+        config = TilingConfig(
+            mode == "on",
+            int(overlap or min(32, min(height, width) // 4)),
+            float(scale or 1.0),
+            blend,
+        )
+    except ValueError as exc:
+        raise ModelConfigError(
+            f"segserve.tile_overlap_px {str(overlap)[:40]!r} or segserve.tile_scale "
+            f"{str(scale)[:40]!r} is not a number"
+        ) from exc
+    if not 0 <= config.overlap_px < min(height, width) // 2:
+        raise ModelConfigError(
+            f"segserve.tile_overlap_px {config.overlap_px} is outside 0..{min(height, width) // 2 - 1}"
+            f" (below half the input's shorter side, {min(height, width)})"
+        )
+    if not 0.05 <= config.scale <= 64:
+        raise ModelConfigError(f"segserve.tile_scale {config.scale:g} is outside 0.05..64")
+    if blend not in ("auto", "centre"):
+        raise ModelConfigError(f'segserve.tile_blend {blend[:40]!r} is not "auto" or "centre"')
+    if config.enabled and pipeline != "host":
+        raise ModelConfigError('segserve.tiling "on" runs on segserve.pipeline "host" only')
+    return config
 
 
 def _pipeline(raw: mc.ModelConfig) -> tuple[str, str]:

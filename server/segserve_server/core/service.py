@@ -24,6 +24,7 @@ import numpy as np
 
 from segserve_client import masks
 from segserve_server.auth import authorize_model
+from segserve_server.core import tiling
 from segserve_server.core.models import ModelManager, ReadyVersion
 from segserve_server.core.requests import (
     Admission,
@@ -230,22 +231,79 @@ class SegmentationCore:
             timings,
             request.admission,
             request.ignore_exif_orientation,
+            request.decode_options,
         )
-        outcome = await model.batcher.submit(tensor, deadline_s, request.admission)
-        self._observe_queue(request.model, outcome)
-        timings.queue, timings.infer, timings.batch_size = (
-            outcome.queue_s,
-            outcome.infer_s,
-            outcome.batch_size,
-        )
-        if request.output_model_size:
-            width, height = config.input_width, config.input_height
-        output = await self._in_pool(
-            self._finish, outcome.output, config, width, height, encodings, request, timings, model
-        )
+        if isinstance(tensor, tiling.TiledImage):
+            output = await self._segment_tiles(
+                model, tensor, request, encodings, deadline_s, timings
+            )
+        else:
+            outcome = await model.batcher.submit(tensor, deadline_s, request.admission)
+            self._observe_queue(request.model, outcome)
+            timings.queue, timings.infer, timings.batch_size = (
+                outcome.queue_s,
+                outcome.infer_s,
+                outcome.batch_size,
+            )
+            if request.output_model_size:
+                width, height = config.input_width, config.input_height
+            output = await self._in_pool(
+                self._finish,
+                outcome.output,
+                config,
+                width,
+                height,
+                encodings,
+                request,
+                timings,
+                model,
+            )
         output.model_version = model.version
         output.timings.total = time.perf_counter() - started
         return output
+
+    async def _segment_tiles(
+        self,
+        model: ReadyVersion,
+        image: tiling.TiledImage,
+        request: SegmentInput,
+        encodings: tuple[MaskEncoding, ...],
+        deadline_s: float | None,
+        timings: StageTimings,
+    ) -> SegmentOutput:
+        """An image larger than its tiling model (core/tiling.py): each tile on the batcher, the
+        answers stitched (postprocess includes the stitching)."""
+        done = await tiling.run_tiles(
+            image,
+            model,
+            deadline_s=deadline_s,
+            admission=request.admission,
+            confidence=request.include_confidence,
+            in_pool=self._in_pool,
+            on_outcome=lambda outcome: self._observe_queue(request.model, outcome),
+        )
+        timings.preprocess += done.preprocess_s
+        timings.queue, timings.infer, timings.batch_size = (
+            done.queue_s,
+            done.infer_s,
+            done.batch_size,
+        )
+        width, height = image.width, image.height
+        if request.output_model_size:  # the model's resolution: the canvas
+            width, height = image.plan.canvas_width, image.plan.canvas_height
+        config = model.config
+
+        def finish() -> SegmentOutput:
+            post = tiling.tiled_postprocessed(
+                done, config, width, height, count_pixels=request.include_pixel_counts
+            )
+            output = self._finish(
+                np.empty(0), config, width, height, encodings, request, timings, None, post
+            )
+            output.timings.postprocess += done.stitch_s
+            return output
+
+        return await self._in_pool(finish)
 
     async def _infer_tensors(self, request: TensorInput, deadline_s: float | None) -> TensorOutput:
         authorize_model(request.model, required=self._auth_required)
@@ -286,9 +344,11 @@ class SegmentationCore:
         timings: StageTimings,
         admission: Admission,
         ignore_exif_orientation: bool = False,
-    ) -> tuple[np.ndarray, int, int]:
-        """Decode and preprocess, in a worker thread. Returns the tensor and the original size
-        (in display orientation: EXIF orientation applied unless ignore_exif_orientation)."""
+        options: decode.DecodeOptions | None = None,  # wide samples, bands, DICOM window
+    ) -> tuple[np.ndarray | tiling.TiledImage, int, int]:
+        """Decode and preprocess, in a worker thread. Returns the tensor (or, for an image its
+        tiling model cuts into tiles, its canvas) and the original size (in display
+        orientation: EXIF orientation applied unless ignore_exif_orientation)."""
         if admission.superseded is not None and admission.superseded():
             raise FrameDropped("a newer frame of the stream came before this one was decoded")
         config = model.config
@@ -300,7 +360,7 @@ class SegmentationCore:
         else:
             min_size = (
                 (config.input_width, config.input_height)
-                if self.settings.jpeg_dct_scaling
+                if self.settings.jpeg_dct_scaling and not config.tiling.enabled
                 else None
             )
             decoded = decode.decode(
@@ -309,8 +369,12 @@ class SegmentationCore:
                 order="BGR" if config.channel_order == "BGR" else "RGB",
                 min_size=min_size,
                 ignore_exif_orientation=ignore_exif_orientation,
+                options=options,
             )
         timings.decode = watch.lap()
+        if config.tiling.enabled and (tiled := tiling.prepare_canvas(decoded, config)):
+            timings.preprocess = watch.lap()
+            return tiled, decoded.original_width, decoded.original_height
         tensor = model.preprocessor(decoded)
         timings.preprocess = watch.lap()
         return tensor, decoded.original_width, decoded.original_height
@@ -346,11 +410,11 @@ class SegmentationCore:
         request: SegmentInput,
         timings: StageTimings,
         model: ReadyVersion | None = None,
+        done: postprocess.Postprocessed | None = None,
     ) -> SegmentOutput:
         """Postprocess and encode, in a worker thread (postprocess on the device for a model on
-        the device pipeline: `model_output` is then its output's handle)."""
+        the device pipeline: `model_output` is then its output's handle; none when `done`)."""
         watch = _Stopwatch()
-        done = None
         if model is not None and config.pipeline == "device":
             from segserve_server.pipeline.device import pipeline_for
 
@@ -377,6 +441,8 @@ class SegmentationCore:
                 request.confidence_threshold if request.include_confidence else None
             ),
             done=done,
+            source=request.image if isinstance(request.image, bytes | memoryview) else None,
+            map_coordinates=request.map_coordinates,
         )
         timings.postprocess = device_s + output.timings.postprocess
         timings.encode = output.timings.encode
@@ -398,10 +464,13 @@ def finish_output(
     polygon_tolerance_px: float = 0.0,
     confidence_threshold: float | None = None,
     done: postprocess.Postprocessed | None = None,
+    source: bytes | memoryview | None = None,
+    map_coordinates: bool = False,
 ) -> SegmentOutput:
     """One image's model output to its answer: postprocess (unless `done`: the device
     pipeline's), then encode. With a confidence_threshold, also the confidence map and the
-    review scores.
+    review scores. `source`: the encoded image, for the masks that reference it (DICOM SEG,
+    GeoTIFF) and, with map_coordinates, polygons in its map coordinates.
 
     Sets the postprocess and encode seconds of the returned timings.
     """
@@ -423,8 +492,23 @@ def finish_output(
         )
     timings = StageTimings(postprocess=watch.lap())
     palette = config.palette if embed_palette else None
-    encoded = encode_masks(done.labels, encodings, palette=palette, zlib_level=zlib_level)
-    tools = encode_annotations(done.labels, annotations, polygon_tolerance_px=polygon_tolerance_px)
+    encoded = encode_masks(
+        done.labels,
+        encodings,
+        palette=palette,
+        zlib_level=zlib_level,
+        source=source,
+        class_names=names,
+        model=config.name,
+    )
+    affine = None
+    if map_coordinates and source is not None and annotations:
+        from segserve_server.pipeline.formats_geotiff import map_affine
+
+        affine = map_affine(source, done.labels.shape[1], done.labels.shape[0])
+    tools = encode_annotations(
+        done.labels, annotations, polygon_tolerance_px=polygon_tolerance_px, map_affine=affine
+    )
     confidence_png = (
         masks.encode_png(done.confidence, zlib_level=zlib_level)
         if done.confidence is not None
