@@ -52,7 +52,7 @@ async def test_reflection_describes_the_api(server):
 
     services, methods = await asyncio.to_thread(describe)
     assert "segserve.v1.Segmentation" in services and "grpc.health.v1.Health" in services
-    assert methods == ["Segment", "SegmentStream", "ListModels", "GetModel"]
+    assert methods == ["Segment", "SegmentStream", "ListModels", "GetModel", "SegmentUpload"]
 
 
 def scrape(port: int) -> str:

@@ -38,6 +38,7 @@ from segserve_client.masks import encode_png
 from segserve_client.overlay import color_table, load_image_rgb, overlay, save_image_rgb
 from segserve_client.security import add_security_arguments, security_of
 from segserve_client.types import ENCODINGS, OUTPUT_SIZES, ModelInfo, Segmentation
+from segserve_client.upload import UPLOAD_ABOVE_BYTES
 
 __all__ = [
     "COMMANDS",
@@ -130,6 +131,11 @@ def _add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--counts", action="store_true", help="pixel counts from the server (else counted here)"
     )
+    parser.add_argument(
+        "--upload",
+        action="store_true",
+        help="send the file in chunks (SegmentUpload), as files over 60 MiB always are",
+    )
 
 
 def _segment_report(
@@ -195,14 +201,16 @@ def _run_segment(args: argparse.Namespace, client: SegserveClient) -> int:
         raise UsageError(f"no such image file: {args.image}")
     image_rgb = load_image_rgb(args.image) if args.overlay else None  # no OpenCV: fail now
     started = time.perf_counter()
-    result = client.segment(
-        args.image.read_bytes(),
-        args.model,
-        version=args.model_version,
-        encodings=args.encoding,
-        output_size=args.output_size,
-        include_pixel_counts=args.counts,
-    )
+    options: dict[str, Any] = {
+        "version": args.model_version,
+        "encodings": args.encoding,
+        "output_size": args.output_size,
+        "include_pixel_counts": args.counts,
+    }
+    if args.upload or args.image.stat().st_size > UPLOAD_ABOVE_BYTES:
+        result = client.segment_large(args.image, args.model, **options)
+    else:
+        result = client.segment(args.image.read_bytes(), args.model, **options)
     round_trip_ms = (time.perf_counter() - started) * 1e3
     labels = result.labels
     if args.output or image_rgb is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
+from typing import Any
 
 import grpc
 
@@ -36,6 +37,7 @@ from segserve_client.types import (
     channel_options,
     stream_result,
 )
+from segserve_client.upload import DEFAULT_CHUNK_BYTES, Upload, UploadImage
 
 __all__ = ["SegserveClient"]
 
@@ -122,6 +124,33 @@ class SegserveClient:
         request = options.request(image)
         with rpc_errors():
             response = self._stub.Segment(request, timeout=self._timeout(timeout_s))
+        return Segmentation.from_proto(response)
+
+    def segment_large(
+        self,
+        image: UploadImage,
+        model: str,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        timeout_s: float | None = None,
+        **options: Any,
+    ) -> Segmentation:
+        """Segments one encoded image of any size up to the server's max_upload_bytes, sent in
+        chunks over SegmentUpload (an image too large for `segment`'s one message). `image` is
+        the encoded bytes or, better for large files, the file's path: the file is read a chunk
+        at a time as it is sent. `options` are segment's (encodings, output_size, ...); with
+        output_size "model" the answer stays small however large the image.
+
+        The server checks the options, the model, the size declared and the image's header
+        (format, width, height) before it takes the rest: a refusal raises SegserveError
+        (INVALID_ARGUMENT, NOT_FOUND, ...) without the whole file being sent.
+        """
+        upload = Upload.of(image, chunk_bytes)
+        request = SegmentOptions.create(model, **options).request(b"\0")  # image left out
+        with rpc_errors():
+            response = self._stub.SegmentUpload(
+                upload.requests(request), timeout=self._timeout(timeout_s)
+            )
         return Segmentation.from_proto(response)
 
     def stream(

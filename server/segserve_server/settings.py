@@ -163,6 +163,11 @@ class Settings(BaseSettings):
     max_image_side: int = Field(16384, ge=1, le=65535)
     """Images wider or taller than this are refused before decoding."""
 
+    max_upload_bytes: int = Field(1024 * MIB, ge=1)
+    """Largest encoded image a SegmentUpload (chunked upload, for images beyond
+    max_receive_message_bytes) may declare; larger ones are refused INVALID_ARGUMENT before a
+    byte is kept. Each upload keeps its declared size in one buffer while it runs."""
+
     worker_threads: int = Field(default_factory=available_cpus, ge=1)
     """Threads that decode, preprocess, postprocess and encode (they release the GIL); default:
     the cores this process may use (affinity, capped by a container's CPU quota)."""

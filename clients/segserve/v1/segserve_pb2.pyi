@@ -14,12 +14,21 @@ class PixelFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PIXEL_FORMAT_BGR8: _ClassVar[PixelFormat]
     PIXEL_FORMAT_GRAY8: _ClassVar[PixelFormat]
 
+class SampleScaling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SAMPLE_SCALING_UNSPECIFIED: _ClassVar[SampleScaling]
+    SAMPLE_SCALING_SHIFT: _ClassVar[SampleScaling]
+    SAMPLE_SCALING_MINMAX: _ClassVar[SampleScaling]
+    SAMPLE_SCALING_WINDOW: _ClassVar[SampleScaling]
+
 class MaskEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MASK_ENCODING_UNSPECIFIED: _ClassVar[MaskEncoding]
     MASK_ENCODING_PNG: _ClassVar[MaskEncoding]
     MASK_ENCODING_SRLE: _ClassVar[MaskEncoding]
     MASK_ENCODING_RAW: _ClassVar[MaskEncoding]
+    MASK_ENCODING_DICOM_SEG: _ClassVar[MaskEncoding]
+    MASK_ENCODING_GEOTIFF: _ClassVar[MaskEncoding]
 
 class OutputSize(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -60,10 +69,16 @@ PIXEL_FORMAT_UNSPECIFIED: PixelFormat
 PIXEL_FORMAT_RGB8: PixelFormat
 PIXEL_FORMAT_BGR8: PixelFormat
 PIXEL_FORMAT_GRAY8: PixelFormat
+SAMPLE_SCALING_UNSPECIFIED: SampleScaling
+SAMPLE_SCALING_SHIFT: SampleScaling
+SAMPLE_SCALING_MINMAX: SampleScaling
+SAMPLE_SCALING_WINDOW: SampleScaling
 MASK_ENCODING_UNSPECIFIED: MaskEncoding
 MASK_ENCODING_PNG: MaskEncoding
 MASK_ENCODING_SRLE: MaskEncoding
 MASK_ENCODING_RAW: MaskEncoding
+MASK_ENCODING_DICOM_SEG: MaskEncoding
+MASK_ENCODING_GEOTIFF: MaskEncoding
 OUTPUT_SIZE_UNSPECIFIED: OutputSize
 OUTPUT_SIZE_ORIGINAL: OutputSize
 OUTPUT_SIZE_MODEL: OutputSize
@@ -145,7 +160,7 @@ class StageTimings(_message.Message):
     def __init__(self, decode_us: _Optional[int] = ..., preprocess_us: _Optional[int] = ..., queue_us: _Optional[int] = ..., infer_us: _Optional[int] = ..., postprocess_us: _Optional[int] = ..., encode_us: _Optional[int] = ..., total_us: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class SegmentRequest(_message.Message):
-    __slots__ = ("model", "model_version", "image", "encodings", "output_size", "include_pixel_counts", "embed_palette", "priority", "timeout_us", "annotations", "polygon_tolerance_px", "include_confidence", "confidence_threshold", "ignore_exif_orientation")
+    __slots__ = ("model", "model_version", "image", "encodings", "output_size", "include_pixel_counts", "embed_palette", "priority", "timeout_us", "annotations", "polygon_tolerance_px", "include_confidence", "confidence_threshold", "ignore_exif_orientation", "scaling", "window_center", "window_width", "bands", "map_coordinates")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +175,11 @@ class SegmentRequest(_message.Message):
     INCLUDE_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EXIF_ORIENTATION_FIELD_NUMBER: _ClassVar[int]
+    SCALING_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_CENTER_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    BANDS_FIELD_NUMBER: _ClassVar[int]
+    MAP_COORDINATES_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: int
     image: Image
@@ -174,7 +194,12 @@ class SegmentRequest(_message.Message):
     include_confidence: bool
     confidence_threshold: float
     ignore_exif_orientation: bool
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., encodings: _Optional[_Iterable[_Union[MaskEncoding, str]]] = ..., output_size: _Optional[_Union[OutputSize, str]] = ..., include_pixel_counts: _Optional[bool] = ..., embed_palette: _Optional[bool] = ..., priority: _Optional[int] = ..., timeout_us: _Optional[int] = ..., annotations: _Optional[_Iterable[_Union[AnnotationFormat, str]]] = ..., polygon_tolerance_px: _Optional[float] = ..., include_confidence: _Optional[bool] = ..., confidence_threshold: _Optional[float] = ..., ignore_exif_orientation: _Optional[bool] = ...) -> None: ...
+    scaling: SampleScaling
+    window_center: float
+    window_width: float
+    bands: _containers.RepeatedScalarFieldContainer[int]
+    map_coordinates: bool
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., encodings: _Optional[_Iterable[_Union[MaskEncoding, str]]] = ..., output_size: _Optional[_Union[OutputSize, str]] = ..., include_pixel_counts: _Optional[bool] = ..., embed_palette: _Optional[bool] = ..., priority: _Optional[int] = ..., timeout_us: _Optional[int] = ..., annotations: _Optional[_Iterable[_Union[AnnotationFormat, str]]] = ..., polygon_tolerance_px: _Optional[float] = ..., include_confidence: _Optional[bool] = ..., confidence_threshold: _Optional[float] = ..., ignore_exif_orientation: _Optional[bool] = ..., scaling: _Optional[_Union[SampleScaling, str]] = ..., window_center: _Optional[float] = ..., window_width: _Optional[float] = ..., bands: _Optional[_Iterable[int]] = ..., map_coordinates: _Optional[bool] = ...) -> None: ...
 
 class ImageScores(_message.Message):
     __slots__ = ("uncertainty", "mean_confidence", "boundary_length", "regions")
@@ -197,10 +222,12 @@ class ClassConfidence(_message.Message):
     def __init__(self, class_id: _Optional[int] = ..., mean: _Optional[float] = ...) -> None: ...
 
 class Ring(_message.Message):
-    __slots__ = ("xy",)
+    __slots__ = ("xy", "map_xy")
     XY_FIELD_NUMBER: _ClassVar[int]
+    MAP_XY_FIELD_NUMBER: _ClassVar[int]
     xy: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, xy: _Optional[_Iterable[int]] = ...) -> None: ...
+    map_xy: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, xy: _Optional[_Iterable[int]] = ..., map_xy: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Region(_message.Message):
     __slots__ = ("outer", "holes")
@@ -335,14 +362,16 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_request_bytes", "max_image_pixels", "max_image_side")
+    __slots__ = ("max_request_bytes", "max_image_pixels", "max_image_side", "max_upload_bytes")
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
+    MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_request_bytes: int
     max_image_pixels: int
     max_image_side: int
-    def __init__(self, max_request_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_image_side: _Optional[int] = ...) -> None: ...
+    max_upload_bytes: int
+    def __init__(self, max_request_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("name", "version")
@@ -383,7 +412,7 @@ class BatchingInfo(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., max_queue_delay_us: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., priority_levels: _Optional[int] = ..., default_priority_level: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "state", "reason", "platform", "backend", "input_width", "input_height", "classes", "batching", "outputs_labels", "description", "has_confidence", "pipeline")
+    __slots__ = ("name", "version", "state", "reason", "platform", "backend", "input_width", "input_height", "classes", "batching", "outputs_labels", "description", "has_confidence", "pipeline", "tiling")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -398,6 +427,7 @@ class ModelInfo(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     HAS_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    TILING_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     state: ModelState
@@ -412,7 +442,20 @@ class ModelInfo(_message.Message):
     description: str
     has_confidence: bool
     pipeline: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., reason: _Optional[str] = ..., platform: _Optional[str] = ..., backend: _Optional[str] = ..., input_width: _Optional[int] = ..., input_height: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[ClassInfo, _Mapping]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., outputs_labels: _Optional[bool] = ..., description: _Optional[str] = ..., has_confidence: _Optional[bool] = ..., pipeline: _Optional[str] = ...) -> None: ...
+    tiling: TilingInfo
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., reason: _Optional[str] = ..., platform: _Optional[str] = ..., backend: _Optional[str] = ..., input_width: _Optional[int] = ..., input_height: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[ClassInfo, _Mapping]]] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., outputs_labels: _Optional[bool] = ..., description: _Optional[str] = ..., has_confidence: _Optional[bool] = ..., pipeline: _Optional[str] = ..., tiling: _Optional[_Union[TilingInfo, _Mapping]] = ...) -> None: ...
+
+class TilingInfo(_message.Message):
+    __slots__ = ("enabled", "overlap_px", "scale", "blend")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_PX_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    BLEND_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    overlap_px: int
+    scale: float
+    blend: str
+    def __init__(self, enabled: _Optional[bool] = ..., overlap_px: _Optional[int] = ..., scale: _Optional[float] = ..., blend: _Optional[str] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
     __slots__ = ("name",)
@@ -473,3 +516,19 @@ class VersionStatus(_message.Message):
     state: ModelState
     reason: str
     def __init__(self, version: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class UploadHeader(_message.Message):
+    __slots__ = ("request", "total_bytes")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    request: SegmentRequest
+    total_bytes: int
+    def __init__(self, request: _Optional[_Union[SegmentRequest, _Mapping]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+
+class SegmentUploadRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: UploadHeader
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...

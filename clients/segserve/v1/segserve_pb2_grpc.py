@@ -55,6 +55,11 @@ class SegmentationStub:
                 request_serializer=segserve_dot_v1_dot_segserve__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=segserve_dot_v1_dot_segserve__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.SegmentUpload = channel.stream_unary(
+                '/segserve.v1.Segmentation/SegmentUpload',
+                request_serializer=segserve_dot_v1_dot_segserve__pb2.SegmentUploadRequest.SerializeToString,
+                response_deserializer=segserve_dot_v1_dot_segserve__pb2.SegmentResponse.FromString,
+                _registered_method=True)
 
 
 class SegmentationServicer:
@@ -106,6 +111,19 @@ class SegmentationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SegmentUpload(self, request_iterator, context):
+        """Segments one encoded image too large for one message (beyond max_request_bytes), sent in
+        chunks: the first message is the UploadHeader (the request's options and the image's size
+        in bytes), then the bytes in order. The model, the declared size (max_upload_bytes) and the
+        image's header (format, width and height against max_image_pixels / max_image_side) are
+        checked as soon as they arrive, before the rest is read and before any pixel is decoded: a
+        refusal ends the call at once. The server keeps the bytes in one buffer of the declared
+        size; more or fewer bytes than declared is INVALID_ARGUMENT. The answer is Segment's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SegmentationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +146,11 @@ def add_SegmentationServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=segserve_dot_v1_dot_segserve__pb2.GetModelRequest.FromString,
                     response_serializer=segserve_dot_v1_dot_segserve__pb2.ModelInfo.SerializeToString,
+            ),
+            'SegmentUpload': grpc.stream_unary_rpc_method_handler(
+                    servicer.SegmentUpload,
+                    request_deserializer=segserve_dot_v1_dot_segserve__pb2.SegmentUploadRequest.FromString,
+                    response_serializer=segserve_dot_v1_dot_segserve__pb2.SegmentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -239,6 +262,33 @@ class Segmentation:
             '/segserve.v1.Segmentation/GetModel',
             segserve_dot_v1_dot_segserve__pb2.GetModelRequest.SerializeToString,
             segserve_dot_v1_dot_segserve__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SegmentUpload(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/segserve.v1.Segmentation/SegmentUpload',
+            segserve_dot_v1_dot_segserve__pb2.SegmentUploadRequest.SerializeToString,
+            segserve_dot_v1_dot_segserve__pb2.SegmentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,8 +53,10 @@ F = TypeVar("F")
 # A servicer's methods, on parsed requests (each takes its own message type, hence Any) ...
 Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
 Streaming = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], AsyncIterator[Message]]
+Uploading = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], Awaitable[Message]]
 # ... and the handlers gRPC calls, on the serialized requests.
 UnaryHandler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Message]]
+UploadHandler = Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Awaitable[Message]]
 StreamingHandler = Callable[
     [AsyncIterator[bytes], grpc.aio.ServicerContext], AsyncIterator[Message]
 ]
@@ -139,6 +141,27 @@ def _streaming(request_cls: type[Message], behaviour: Streaming, where: str) -> 
     return handle
 
 
+def _client_streaming(
+    request_cls: type[Message], behaviour: Uploading, where: str
+) -> UploadHandler:
+    """A client-streaming call (one answer): a message that does not parse, or any error,
+    ends the call with its status (the answer is for the whole stream)."""
+
+    async def handle(frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Message:
+        async def messages() -> AsyncIterator[Message]:
+            async for data in frames:
+                yield parse(request_cls, data)
+
+        try:
+            return await behaviour(messages(), context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort_with(context, as_segserve_error(exc, where))
+
+    return handle
+
+
 def _refuse(message: str) -> UnaryHandler:
     async def handle(data: bytes, context: grpc.aio.ServicerContext) -> Message:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
@@ -168,6 +191,11 @@ def handler_table(
             why = unimplemented(method.name) if unimplemented else f"{where} is not implemented"
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 _refuse(why), response_serializer=serialize
+            )
+        elif method.client_streaming and not method.server_streaming:
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(
+                _client_streaming(request_cls, getattr(servicer, method.name), where),
+                response_serializer=serialize,
             )
         elif method.client_streaming:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(

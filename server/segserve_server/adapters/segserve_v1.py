@@ -10,6 +10,7 @@ that does not parse is answered in its place with FrameError INVALID_ARGUMENT an
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 
 import grpc
@@ -37,13 +38,17 @@ from segserve_server.core.requests import (
     Admission,
     AnnotationFormat,
     ClassAnnotation,
+    DecodeOptions,
     MaskEncoding,
+    Scaling,
     SegmentInput,
     SegmentOutput,
 )
 from segserve_server.core.service import SegmentationCore
+from segserve_server.core.tiling import blend_rule
 from segserve_server.errors import InvalidArgument, ModelNotFound
 from segserve_server.pipeline.decode import ChannelOrder, RawPixels
+from segserve_server.pipeline.encode import check_source_outputs
 from segserve_server.pipeline.postprocess import has_confidence
 
 __all__ = [
@@ -63,6 +68,14 @@ _ENCODINGS: dict[pb.MaskEncoding, MaskEncoding] = {
     pb.MASK_ENCODING_SRLE: MaskEncoding.SRLE,
     pb.MASK_ENCODING_PNG: MaskEncoding.PNG,
     pb.MASK_ENCODING_RAW: MaskEncoding.RAW,
+    pb.MASK_ENCODING_DICOM_SEG: MaskEncoding.DICOM_SEG,
+    pb.MASK_ENCODING_GEOTIFF: MaskEncoding.GEOTIFF,
+}
+_SCALINGS: dict[int, Scaling] = {
+    pb.SAMPLE_SCALING_UNSPECIFIED: Scaling.DEFAULT,
+    pb.SAMPLE_SCALING_SHIFT: Scaling.SHIFT,
+    pb.SAMPLE_SCALING_MINMAX: Scaling.MINMAX,
+    pb.SAMPLE_SCALING_WINDOW: Scaling.WINDOW,
 }
 _POLICIES: dict[int, Policy | None] = {
     pb.STREAM_POLICY_UNSPECIFIED: None,
@@ -124,6 +137,20 @@ def to_segment_input(request: pb.SegmentRequest) -> SegmentInput:
         pb.OUTPUT_SIZE_MODEL,
     ):
         raise InvalidArgument(f"output size {request.output_size} is not ORIGINAL or MODEL")
+    if request.scaling not in _SCALINGS:
+        raise InvalidArgument(f"scaling {request.scaling} is not one of {sorted(_SCALINGS)}")
+    options = DecodeOptions(
+        _SCALINGS[request.scaling],
+        request.window_center,
+        request.window_width,
+        tuple(request.bands),
+    )
+    check_source_outputs(
+        tuple(encodings),
+        image,
+        output_model_size=request.output_size == pb.OUTPUT_SIZE_MODEL,
+        map_coordinates=request.map_coordinates,
+    )
     return SegmentInput(
         model=request.model,
         image=image,
@@ -138,6 +165,8 @@ def to_segment_input(request: pb.SegmentRequest) -> SegmentInput:
         include_confidence=request.include_confidence,
         confidence_threshold=request.confidence_threshold or 0.5,
         ignore_exif_orientation=request.ignore_exif_orientation,
+        decode_options=options,
+        map_coordinates=request.map_coordinates,
     )
 
 
@@ -160,7 +189,13 @@ def _annotation(annotation: ClassAnnotation, names: dict[int, str]) -> pb.ClassA
         cvat_mask=annotation.cvat_mask,
         label_studio_rle=annotation.label_studio_rle,
         polygons=[
-            pb.Region(outer=pb.Ring(xy=region.outer), holes=[pb.Ring(xy=h) for h in region.holes])
+            pb.Region(
+                outer=pb.Ring(xy=region.outer, map_xy=region.map_outer),
+                holes=[
+                    pb.Ring(xy=h, map_xy=m)
+                    for h, m in itertools.zip_longest(region.holes, region.map_holes, fillvalue=())
+                ],
+            )
             for region in annotation.polygons
         ],
     )
@@ -292,6 +327,15 @@ def model_info(model: Model, version: ModelVersion | None) -> pb.ModelInfo:
     info.outputs_labels = config.outputs_labels
     info.has_confidence = has_confidence(config)
     info.description = config.description
+    tiles = config.tiling
+    info.tiling.CopyFrom(
+        pb.TilingInfo(
+            enabled=tiles.enabled,
+            overlap_px=tiles.overlap_px,
+            scale=tiles.scale,
+            blend=blend_rule(config),
+        )
+    )
     info.classes.extend(
         pb.ClassInfo(id=c.id, name=c.name, red=c.color[0], green=c.color[1], blue=c.color[2])
         for c in config.classes
@@ -364,6 +408,14 @@ class SegmentationServicer:
             cut_at_s,
         )
 
+    async def SegmentUpload(
+        self, messages: AsyncIterator[pb.SegmentUploadRequest], context: grpc.aio.ServicerContext
+    ) -> pb.SegmentResponse:
+        """One image in chunks (adapters/upload_v1.py)."""
+        from segserve_server.adapters.upload_v1 import segment_upload
+
+        return await segment_upload(self._core, messages, context)
+
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
@@ -373,6 +425,7 @@ class SegmentationServicer:
             max_request_bytes=settings.max_receive_message_bytes,
             max_image_pixels=settings.max_image_pixels,
             max_image_side=settings.max_image_side,
+            max_upload_bytes=settings.max_upload_bytes,
         )
         return pb.ListModelsResponse(
             models=[model_summary(models[n]) for n in sorted(models)], limits=limits
