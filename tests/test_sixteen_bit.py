@@ -56,6 +56,26 @@ async def test_low_range_16_bit_needs_minmax_or_a_window(stub):
     np.testing.assert_array_equal(window, QUADRANT_LABELS)
 
 
+async def test_the_server_default_scaling_is_a_setting(repository):
+    """sixteen_bit_scaling "minmax": requests that set no scaling stretch 12-bit data; a
+    request's own SHIFT still wins."""
+    from segserve.v1 import segserve_pb2_grpc as pb_grpc
+    from segserve_server.server import Server
+    from tests.conftest import make_settings
+
+    data = png16(quadrant_image().astype(np.uint16) * 16)  # 12-bit data: 0..4080
+    server = Server(make_settings(repository, sixteen_bit_scaling="minmax", metrics_port=None))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.SegmentationStub(channel)
+            np.testing.assert_array_equal(await segment(stub, data), QUADRANT_LABELS)
+            shift = await segment(stub, data, scaling=pb.SAMPLE_SCALING_SHIFT)
+            assert set(np.unique(shift)) == {0}
+    finally:
+        await server.stop()
+
+
 async def test_16_bit_grey_png_window(stub):
     grey = np.full((H, W), 1000, np.uint16)
     grey[:, W // 2 :] = 3000

@@ -185,6 +185,12 @@ class Settings(BaseSettings):
     jpeg_dct_scaling: bool = True
     """Decode JPEGs at a reduced DCT scale when the model's input is smaller than the image."""
 
+    sixteen_bit_scaling: Literal["shift", "minmax"] = "shift"
+    """How 16-bit PNG and TIFF samples become the 8-bit pixels a model takes when a request sets
+    no scaling: "shift" keeps the top 8 bits (full-range data, what segserve always did),
+    "minmax" stretches each image's own range to 0..255 (10- or 12-bit data stored in 16 bits).
+    A request's scaling (SHIFT, MINMAX, WINDOW) wins; DICOM keeps its windowing rule."""
+
     png_compression_level: int = Field(1, ge=0, le=9)
     """zlib level of PNG and SRLE masks: 1 is fastest and already small for label maps."""
 

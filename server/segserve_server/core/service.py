@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import TypeVar
 
 import cv2
@@ -55,6 +56,7 @@ from segserve_server.pipeline.encode import (
     encode_annotations,
     encode_masks,
 )
+from segserve_server.pipeline.scaling import Scaling
 from segserve_server.settings import Settings
 
 __all__ = [
@@ -89,6 +91,7 @@ class SegmentationCore:
         self.models = ModelManager(settings, self.metrics)
         self._limits = decode.ImageLimits(settings.max_image_pixels, settings.max_image_side)
         self._auth_required = bool(settings.auth_tokens_file or settings.auth_tokens)
+        self._integer_scaling = Scaling(settings.sixteen_bit_scaling)
 
     async def start(self) -> None:
         cv2.setNumThreads(1)  # requests run in parallel in the pool; no nested thread pools
@@ -231,7 +234,7 @@ class SegmentationCore:
             timings,
             request.admission,
             request.ignore_exif_orientation,
-            request.decode_options,
+            replace(request.decode_options, integer_default=self._integer_scaling),
         )
         if isinstance(tensor, tiling.TiledImage):
             output = await self._segment_tiles(

@@ -29,7 +29,7 @@ import numpy as np
 import simplejpeg
 
 from segserve_server.errors import InvalidArgument
-from segserve_server.pipeline.scaling import DecodeOptions, Scaling, to_uint8
+from segserve_server.pipeline.scaling import DecodeOptions, to_uint8
 
 __all__ = [
     "FAST_DCT_SCALES",
@@ -316,7 +316,7 @@ def _scaled_colour(
     the request's scaling (default SHIFT: the top 8 bits). Alpha is dropped."""
     if pixels.ndim == 3:
         pixels = pixels[:, :, :3] if pixels.shape[2] >= 3 else pixels[:, :, 0]
-    pixels = to_uint8(pixels, options, default=Scaling.SHIFT)
+    pixels = to_uint8(pixels, options, default=options.integer_default)
     if pixels.ndim == 2:
         return cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
     return np.ascontiguousarray(pixels[:, :, ::-1]) if order == "RGB" else pixels

@@ -138,7 +138,7 @@ def decode_tiff(
         selected = lut[index]
     if selected.dtype == np.bool_:
         selected = selected.astype(np.uint8) * np.uint8(255)
-    default = Scaling.MINMAX if selected.dtype.kind == "f" else Scaling.SHIFT
+    default = Scaling.MINMAX if selected.dtype.kind == "f" else options.integer_default
     pixels = to_uint8(selected, options, default=default)
     if photometric == 0:  # MINISWHITE
         pixels = 255 - pixels

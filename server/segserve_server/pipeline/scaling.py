@@ -2,7 +2,8 @@
 
 16-bit PNG and TIFF, DICOM (after rescale slope/intercept) and GeoTIFF bands are scaled by an
 explicit rule (`Scaling`), chosen per request; UNSPECIFIED is the format's documented default
-(docs/imaging.md): SHIFT (the top 8 bits) for 16-bit PNG and TIFF, what segserve always did;
+(docs/imaging.md): for 16-bit PNG and TIFF the server's `sixteen_bit_scaling`, by default SHIFT
+(the top 8 bits), what segserve always did;
 WINDOW for DICOM (the request's window, else the file's, else MINMAX); MINMAX for float samples.
 
 The DICOM and TIFF readers (pydicom, highdicom, tifffile) are the server's `formats` extra,
@@ -69,8 +70,13 @@ class DecodeOptions:
     window_center: float = 0.0
     window_width: float = 0.0  # 0: not set
     bands: tuple[int, ...] = ()  # TIFF bands, 1-based; (): the default choice
+    integer_default: Scaling = Scaling.SHIFT
+    """What DEFAULT means for wide integer samples of PNG and TIFF: the server's
+    `sixteen_bit_scaling` (SHIFT or MINMAX); DICOM keeps its own windowing rule."""
 
     def __post_init__(self) -> None:
+        if self.integer_default not in (Scaling.SHIFT, Scaling.MINMAX):
+            raise InvalidArgument(f"integer_default {self.integer_default} is not SHIFT or MINMAX")
         if not (math.isfinite(self.window_center) and math.isfinite(self.window_width)):
             raise InvalidArgument(
                 f"window centre {self.window_center} / width {self.window_width} are not finite"
