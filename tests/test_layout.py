@@ -31,6 +31,7 @@ LAYERS = {
     "segserve_server.metrics": 1,
     "segserve_server.gpu_metrics": 1,
     "segserve_server.model_repository": 1,
+    "segserve_server.model_parameters": 1,
     "segserve_server.priorities": 1,
     "segserve_server.backends": 2,
     "segserve_server.pipeline": 3,

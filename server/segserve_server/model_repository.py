@@ -45,7 +45,14 @@ import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from segserve_server import model_parameters as params
 from segserve_server.errors import ModelConfigError
+from segserve_server.model_parameters import (
+    PIPELINES,
+    TilingConfig,
+    default_palette,
+    flip_average_filename,
+)
 from segserve_server.priorities import (
     DEFAULT_STREAK_LIMIT,
     PriorityConfig,
@@ -83,7 +90,6 @@ DEFAULT_MODEL_FILENAMES = {
     "onnxruntime": "model.onnx",
     "tensorrt_plan": "model.plan",
 }
-PIPELINES = ("host", "device")
 
 _NUMPY_DTYPES: dict[int, np.dtype] = {
     mc.TYPE_BOOL: np.dtype(np.bool_),
@@ -123,16 +129,6 @@ class BatchingConfig:
             policy = dataclasses.replace(policy, max_queue_size=self.max_queue_size)
             priority = dataclasses.replace(self.priority, default_policy=policy)
             object.__setattr__(self, "priority", priority)
-
-
-@dataclass(frozen=True)
-class TilingConfig:
-    """segserve.tiling*: whether images larger than the input are cut into tiles, and how."""
-
-    enabled: bool = False
-    overlap_px: int = 32
-    scale: float = 1.0
-    blend: str = "auto"  # or "centre"
 
 
 @dataclass(frozen=True)
@@ -218,80 +214,6 @@ class RepositoryEntry:
         return available[-max(count, 1) :]
 
 
-def _parameter(raw: mc.ModelConfig, key: str) -> str | None:
-    if key in raw.parameters:
-        value: str = raw.parameters[key].string_value
-        return value
-    return None
-
-
-def _floats(
-    raw: mc.ModelConfig, key: str, default: tuple[float, float, float]
-) -> tuple[float, float, float]:
-    text = _parameter(raw, key)
-    if text is None:
-        return default
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError as exc:
-        raise ModelConfigError(
-            f"parameter {key} = {text!r} is not comma-separated numbers"
-        ) from exc
-    if len(values) != 3:
-        raise ModelConfigError(f"parameter {key} = {text!r} needs 3 values, one per channel")
-    return values[0], values[1], values[2]
-
-
-def _colors(raw: mc.ModelConfig, count: int) -> list[tuple[int, int, int]]:
-    text = _parameter(raw, "segserve.colors")
-    if text is None:
-        return default_palette(count)
-    colors: list[tuple[int, int, int]] = []
-    for item in text.split(";"):
-        parts = [p.strip() for p in item.split(",")]
-        if len(parts) != 3 or not all(p.isdigit() and int(p) <= 255 for p in parts):
-            raise ModelConfigError(f"segserve.colors entry {item!r} is not R,G,B in 0..255")
-        colors.append((int(parts[0]), int(parts[1]), int(parts[2])))
-    if len(colors) != count:
-        raise ModelConfigError(f"segserve.colors has {len(colors)} colours for {count} classes")
-    return colors
-
-
-def flip_average_filename(model_filename: str) -> str:
-    """The file of a version's flip-averaging variant: model.onnx -> model.flip.onnx."""
-    path = Path(model_filename)
-    return f"{path.stem}.flip{path.suffix}"
-
-
-def _flip_average(raw: mc.ModelConfig) -> bool:
-    text = _parameter(raw, "segserve.flip_average")
-    if text is None or text.strip().lower() in ("false", "0", "no", ""):
-        return False
-    if text.strip().lower() not in ("true", "1", "yes"):
-        raise ModelConfigError(f"segserve.flip_average {text[:40]!r} is not true or false")
-    if (_parameter(raw, "segserve.backend") or "onnxruntime") != "onnxruntime":
-        raise ModelConfigError(
-            "segserve.flip_average runs in segserve's onnxruntime backend, not segserve.backend "
-            f"{_parameter(raw, 'segserve.backend')!r}"
-        )
-    return True
-
-
-def default_palette(count: int) -> list[tuple[int, int, int]]:
-    """Distinct colours for models that name none (the Pascal VOC bit-interleaving scheme)."""
-    palette = []
-    for index in range(count):
-        r = g = b = 0
-        value = index
-        for bit in range(8):
-            r |= ((value >> 0) & 1) << (7 - bit)
-            g |= ((value >> 1) & 1) << (7 - bit)
-            b |= ((value >> 2) & 1) << (7 - bit)
-            value >>= 3
-        palette.append((r, g, b))
-    return palette
-
-
 def _strip_batch_dim(dims: list[int], max_batch_size: int, what: str) -> list[int]:
     if max_batch_size > 0:
         return dims
@@ -373,16 +295,16 @@ def parse_config(text: str, model_dir: Path) -> ModelConfig:
         raise ModelConfigError("a label-output model needs a label_filename naming its classes")
     if len(names) > 256:
         raise ModelConfigError(f"{len(names)} classes; label maps hold at most 256")
-    colors = _colors(raw, len(names))
+    colors = params.colors(raw, len(names))
 
-    channel_order = (_parameter(raw, "segserve.channel_order") or "RGB").upper()
+    channel_order = (params.parameter(raw, "segserve.channel_order") or "RGB").upper()
     if channel_order not in ("RGB", "BGR"):
         raise ModelConfigError(f"segserve.channel_order {channel_order!r} is not RGB or BGR")
-    std = _floats(raw, "segserve.std", IMAGENET_STD)
+    std = params.floats(raw, "segserve.std", IMAGENET_STD)
     if any(s == 0 for s in std):
         raise ModelConfigError(f"segserve.std {std} has a zero")
 
-    pipeline, device = _pipeline(raw)
+    pipeline, device = params.pipeline_and_device(raw)
     gpu_kinds = {mc.ModelInstanceGroup.KIND_GPU}
     groups = list(raw.instance_group)
     accelerators = tuple(
@@ -403,7 +325,7 @@ def parse_config(text: str, model_dir: Path) -> ModelConfig:
         classes=tuple(
             ModelClass(i, n, c) for i, (n, c) in enumerate(zip(names, colors, strict=True))
         ),
-        mean=_floats(raw, "segserve.mean", IMAGENET_MEAN),
+        mean=params.floats(raw, "segserve.mean", IMAGENET_MEAN),
         std=std,
         channel_order=channel_order,
         batching=_batching(raw),
@@ -411,62 +333,13 @@ def parse_config(text: str, model_dir: Path) -> ModelConfig:
         use_gpu=any(g.kind in gpu_kinds for g in groups),
         accelerators=accelerators,
         model_filename=raw.default_model_filename or DEFAULT_MODEL_FILENAMES.get(platform, ""),
-        description=_parameter(raw, "segserve.description") or "",
+        description=params.parameter(raw, "segserve.description") or "",
         raw=raw,
-        flip_average=_flip_average(raw),
+        flip_average=params.flip_average(raw),
         pipeline=pipeline,
         device=device,
-        tiling=_tiling(raw, pipeline, height, width),
+        tiling=params.tiling(raw, pipeline, height, width),
     )
-
-
-def _tiling(raw: mc.ModelConfig, pipeline: str, height: int, width: int) -> TilingConfig:
-    """segserve.tiling and its parameters, checked: the overlap below half the shorter side."""
-    mode = (_parameter(raw, "segserve.tiling") or "off").strip().lower()
-    if mode not in ("on", "off"):
-        raise ModelConfigError(f'segserve.tiling {mode[:40]!r} is not "on" or "off"')
-    overlap, scale = (
-        _parameter(raw, "segserve.tile_overlap_px"),
-        _parameter(raw, "segserve.tile_scale"),
-    )
-    blend = (_parameter(raw, "segserve.tile_blend") or "auto").strip().lower()
-    try:
-        config = TilingConfig(
-            mode == "on",
-            int(overlap or min(32, min(height, width) // 4)),
-            float(scale or 1.0),
-            blend,
-        )
-    except ValueError as exc:
-        raise ModelConfigError(
-            f"segserve.tile_overlap_px {str(overlap)[:40]!r} or segserve.tile_scale "
-            f"{str(scale)[:40]!r} is not a number"
-        ) from exc
-    if not 0 <= config.overlap_px < min(height, width) // 2:
-        raise ModelConfigError(
-            f"segserve.tile_overlap_px {config.overlap_px} is outside 0..{min(height, width) // 2 - 1}"
-            f" (below half the input's shorter side, {min(height, width)})"
-        )
-    if not 0.05 <= config.scale <= 64:
-        raise ModelConfigError(f"segserve.tile_scale {config.scale:g} is outside 0.05..64")
-    if blend not in ("auto", "centre"):
-        raise ModelConfigError(f'segserve.tile_blend {blend[:40]!r} is not "auto" or "centre"')
-    if config.enabled and pipeline != "host":
-        raise ModelConfigError('segserve.tiling "on" runs on segserve.pipeline "host" only')
-    return config
-
-
-def _pipeline(raw: mc.ModelConfig) -> tuple[str, str]:
-    """segserve.pipeline and segserve.device, checked (the device's existence is checked when
-    the model loads, where torch is imported)."""
-    pipeline = (_parameter(raw, "segserve.pipeline") or "host").strip().lower()
-    if pipeline not in PIPELINES:
-        raise ModelConfigError(f"segserve.pipeline {pipeline[:40]!r} is not one of {PIPELINES}")
-    device = (_parameter(raw, "segserve.device") or "cuda:0").strip().lower()
-    kind, _, index = device.partition(":")
-    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
-        raise ModelConfigError(f'segserve.device {device[:40]!r} is not "cpu", "cuda" or "cuda:N"')
-    return pipeline, "cuda:0" if device == "cuda" else device
 
 
 def _class_names(label_filename: str, model_dir: Path) -> list[str]:
