@@ -204,7 +204,7 @@ def segserve_stage_cpu(frames: Frames, config: ModelConfig) -> dict[str, float]:
     """CPU milliseconds per frame (thread time) of segserve's own stages around the model, run
     here on the frames and their real model outputs: decode, preprocess, postprocess, encode."""
     # Imported here, when this runs, and only here: the one line to follow if it moves.
-    from segserve_server.core.service import finish_output
+    from segserve_server.core.answers import finish_output
     from segserve_server.pipeline.encode import MaskEncoding
 
     preprocessor = Preprocessor(config)

@@ -23,13 +23,12 @@ from typing import TypeVar
 import cv2
 import numpy as np
 
-from segserve_client import masks
 from segserve_server.auth import authorize_model
 from segserve_server.core import tiling
+from segserve_server.core.answers import Stopwatch, finish_output
 from segserve_server.core.models import ModelManager, ReadyVersion
 from segserve_server.core.requests import (
     Admission,
-    ClassCount,
     SegmentInput,
     SegmentOutput,
     StageTimings,
@@ -49,12 +48,9 @@ from segserve_server.model_repository import ModelConfig
 from segserve_server.pipeline import decode, postprocess
 from segserve_server.pipeline.batcher import BatchOutcome
 from segserve_server.pipeline.encode import (
-    AnnotationFormat,
     MaskEncoding,
     check_annotation_formats,
     check_encodings,
-    encode_annotations,
-    encode_masks,
 )
 from segserve_server.pipeline.scaling import Scaling
 from segserve_server.settings import Settings
@@ -62,7 +58,6 @@ from segserve_server.settings import Settings
 __all__ = [
     "UNKNOWN_MODEL_LABEL",
     "SegmentationCore",
-    "finish_output",
     "gather_or_cancel",
     "loop_deadline",
 ]
@@ -70,16 +65,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 UNKNOWN_MODEL_LABEL = "_unknown"
-
-
-class _Stopwatch:
-    def __init__(self) -> None:
-        self._last = time.perf_counter()
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        elapsed, self._last = now - self._last, now
-        return elapsed
 
 
 class SegmentationCore:
@@ -357,7 +342,7 @@ class SegmentationCore:
         config = model.config
         if config.pipeline == "device":
             return self._prepare_on_device(image, model, timings, ignore_exif_orientation)
-        watch = _Stopwatch()
+        watch = Stopwatch()
         if isinstance(image, decode.RawPixels):
             decoded = decode.from_raw(image, self._limits)
         else:
@@ -417,7 +402,7 @@ class SegmentationCore:
     ) -> SegmentOutput:
         """Postprocess and encode, in a worker thread (postprocess on the device for a model on
         the device pipeline: `model_output` is then its output's handle; none when `done`)."""
-        watch = _Stopwatch()
+        watch = Stopwatch()
         if model is not None and config.pipeline == "device":
             from segserve_server.pipeline.device import pipeline_for
 
@@ -451,76 +436,6 @@ class SegmentationCore:
         timings.encode = output.timings.encode
         output.timings = timings
         return output
-
-
-def finish_output(
-    model_output: np.ndarray,
-    config: ModelConfig,
-    width: int,
-    height: int,
-    encodings: tuple[MaskEncoding, ...],
-    *,
-    include_pixel_counts: bool = False,
-    embed_palette: bool = False,
-    zlib_level: int = 1,
-    annotations: tuple[AnnotationFormat, ...] = (),
-    polygon_tolerance_px: float = 0.0,
-    confidence_threshold: float | None = None,
-    done: postprocess.Postprocessed | None = None,
-    source: bytes | memoryview | None = None,
-    map_coordinates: bool = False,
-) -> SegmentOutput:
-    """One image's model output to its answer: postprocess (unless `done`: the device
-    pipeline's), then encode. With a confidence_threshold, also the confidence map and the
-    review scores. `source`: the encoded image, for the masks that reference it (DICOM SEG,
-    GeoTIFF) and, with map_coordinates, polygons in its map coordinates.
-
-    Sets the postprocess and encode seconds of the returned timings.
-    """
-    watch = _Stopwatch()
-    done = done or postprocess.postprocess(
-        model_output,
-        config,
-        width,
-        height,
-        count_pixels=include_pixel_counts,
-        confidence=confidence_threshold is not None,
-    )
-    names = [c.name for c in config.classes]
-    classes = [ClassCount(class_id, names[class_id], count) for class_id, count in done.present]
-    scores = None
-    if confidence_threshold is not None and done.model_confidence is not None:
-        scores = postprocess.review_scores(
-            done.model_labels, done.model_confidence, confidence_threshold
-        )
-    timings = StageTimings(postprocess=watch.lap())
-    palette = config.palette if embed_palette else None
-    encoded = encode_masks(
-        done.labels,
-        encodings,
-        palette=palette,
-        zlib_level=zlib_level,
-        source=source,
-        class_names=names,
-        model=config.name,
-    )
-    affine = None
-    if map_coordinates and source is not None and annotations:
-        from segserve_server.pipeline.formats_geotiff import map_affine
-
-        affine = map_affine(source, done.labels.shape[1], done.labels.shape[0])
-    tools = encode_annotations(
-        done.labels, annotations, polygon_tolerance_px=polygon_tolerance_px, map_affine=affine
-    )
-    confidence_png = (
-        masks.encode_png(done.confidence, zlib_level=zlib_level)
-        if done.confidence is not None
-        else None
-    )
-    timings.encode = watch.lap()
-    return SegmentOutput(
-        width, height, encoded, classes, config.name, 0, timings, tools, confidence_png, scores
-    )
 
 
 def _check_confidence(config: ModelConfig, threshold: float) -> None:
