@@ -205,3 +205,29 @@ async def test_large_real_geotiff_from_camvid(stub, camvid_frame):
         expected_colour_labels(small), large.shape[1::-1], interpolation=cv2.INTER_NEAREST
     )
     assert (labels == expected).mean() > 0.99  # float rounding may flip a near-tie pixel
+
+
+def test_many_band_tiffs_are_refused_by_their_decoded_size():
+    """A small deflate TIFF of many bands decodes to far more than width x height suggests:
+    refused from the IFD by the bytes it would decode, before any band is decoded."""
+    from segserve_server.errors import InvalidArgument
+    from segserve_server.pipeline.decode import ImageLimits
+    from segserve_server.pipeline.formats_geotiff import MAX_BYTES_PER_PIXEL, decode_tiff
+    from segserve_server.pipeline.scaling import DecodeOptions
+
+    bands = 64
+    data = geotiff(
+        np.zeros((128, 128, bands), np.uint16),
+        compression="zlib",
+        photometric="minisblack",
+        planarconfig="contig",
+    )
+    assert len(data) < 64 * 1024  # compresses to a few KiB
+    limits = ImageLimits(128 * 128 * 4, 16384)  # the pixels pass; their bytes do not
+    with pytest.raises(InvalidArgument) as refused:
+        decode_tiff(data, limits, DecodeOptions())
+    assert f"{bands} band(s)" in str(refused.value) and "max_image_pixels" in str(refused.value)
+    decoded = decode_tiff(
+        data, ImageLimits(128 * 128 * bands * 2 // MAX_BYTES_PER_PIXEL + 1, 16384), DecodeOptions()
+    )
+    assert decoded.pixels.shape[:2] == (128, 128)

@@ -381,3 +381,17 @@ async def test_segserve_v1_model_repository_admin_rpcs(explicit: Client, repo: P
             await call(request)
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
         assert "'nope'" in (missing.value.details() or "")
+
+
+async def test_a_load_whose_caller_goes_away_still_completes(explicit: Client, repo: Path) -> None:
+    """An explicit load whose RPC is cancelled midway runs to its end: version 2 is swapped
+    in (not left started and leaked, with the folder marked as seen)."""
+    write_version(repo / "colour", 2, H, W)
+    manager = explicit.server.core.models
+    load = asyncio.ensure_future(manager.load("colour"))
+    await asyncio.sleep(0)  # it has started
+    load.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await load
+    await until(lambda: _serves(explicit, 2), "version 2 to serve after the cancelled load")
+    await until(lambda: _no_retiring(explicit), "version 1 to be retired")

@@ -171,6 +171,12 @@ async def test_tokens_none_wrong_garbled_and_right(https):
         refused(response, 401, "UNAUTHENTICATED", fragment)
         assert response.headers["www-authenticate"] == 'Bearer realm="segserve"'
         assert FULL not in response.text
+    twice = await https.post(
+        "/v1/models/colour/segment",
+        content=PNG,
+        headers=[("Authorization", f"Bearer {FULL}"), ("Authorization", f"Bearer {FULL}")],
+    )
+    refused(twice, 401, "UNAUTHENTICATED", "more than one Authorization header")
     kserve = await https.get("/v2/models/colour")
     refused(kserve, 401, "UNAUTHENTICATED", "missing credentials")
     assert set(kserve.json()) == {"error"}  # Triton's shape under /v2

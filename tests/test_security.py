@@ -42,6 +42,7 @@ ADMIN = "admin-token-abcdefghijklmnop"
 LIMITED = "limited-token-abcdefghijklmn"  # 2 requests, then (practically) none
 STREAM_LIMITED = "stream-limited-token-abcdefg"  # 4 requests: the stream and 3 frames
 ENV_TOKEN = "env-token-abcdefghijklmnopq"
+SCOPED_ADMIN = "colour-admin-token-01234567"  # admin, of the colour model only
 TOKENS = f"""
 [[tokens]]
 name = "full"
@@ -55,6 +56,12 @@ models = ["colour"]
 [[tokens]]
 name = "admin"
 secret = "{ADMIN}"
+admin = true
+
+[[tokens]]
+name = "colour-admin"
+secret = "{SCOPED_ADMIN}"
+models = ["colour"]
 admin = true
 
 [[tokens]]
@@ -356,6 +363,28 @@ async def test_admin_only_methods(tls_server, certs):
         await expect_code(repository(b"", metadata=bearer(FULL)), grpc.StatusCode.PERMISSION_DENIED)
         await expect_code(repository(b"", metadata=()), grpc.StatusCode.UNAUTHENTICATED)
         await expect_code(repository(b"", metadata=bearer(ADMIN)), grpc.StatusCode.UNIMPLEMENTED)
+
+
+async def test_segserve_v1_model_repository_keeps_to_the_admin_tokens_scope(tls_server, certs):
+    """An admin of one model may not unload another over segserve.v1 (as over KServe), and its
+    repository index lists only its models."""
+    async with tls_channel(certs, tls_server.port) as channel:
+        repository = pb_grpc.ModelRepositoryStub(channel)
+        details = await expect_code(
+            repository.UnloadModel(
+                pb.UnloadModelRequest(name="other"), metadata=bearer(SCOPED_ADMIN)
+            ),
+            grpc.StatusCode.PERMISSION_DENIED,
+        )
+        assert "colour-admin" in details
+        index = await repository.RepositoryIndex(
+            pb.RepositoryIndexRequest(), metadata=bearer(SCOPED_ADMIN)
+        )
+        assert [m.name for m in index.models] == ["colour"]
+        everything = await repository.RepositoryIndex(
+            pb.RepositoryIndexRequest(), metadata=bearer(ADMIN)
+        )
+        assert {"colour", "other"} <= {m.name for m in everything.models}
 
 
 async def test_health_and_reflection_are_open_by_default(tls_server, certs):

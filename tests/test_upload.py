@@ -350,3 +350,14 @@ async def test_memory_of_a_20000_pixel_upload(repository, camvid_frame, capsys):
             f"{png_peak / MIB:.0f} MiB; JPEG {len(jpeg) / MIB:.1f} MiB encoded -> "
             f"{jpeg_peak / MIB:.0f} MiB (one decoded RGB copy: {one_copy / MIB:.0f} MiB)"
         )
+
+
+def test_a_stalled_upload_holds_only_what_it_sent():
+    """Declaring 1 GiB and sending a 33-byte PNG header holds 33 bytes, not a 1 GiB buffer."""
+    from segserve_server.adapters.upload_v1 import UploadBuffer
+    from segserve_server.pipeline.decode import ImageLimits
+
+    upload = UploadBuffer(1024 * MIB, 2048 * MIB, ImageLimits(40_000_000, 16384))
+    upload.add(_png_header(64, 48))
+    assert upload.buffered_bytes == 33
+    assert upload.size == (64, 48)

@@ -83,6 +83,7 @@ class MethodRule:
 
 _SEG = "/segserve.v1.Segmentation/"
 _KS = "/inference.GRPCInferenceService/"
+_REPO = "/segserve.v1.ModelRepository/"
 RULES: dict[str, MethodRule] = {
     _SEG + "Segment": MethodRule((pb.SegmentRequest, "model")),
     _SEG + "SegmentStream": MethodRule(per_request=True),
@@ -97,6 +98,9 @@ RULES: dict[str, MethodRule] = {
         (kserve.ModelStatisticsRequest, "name"), kserve_names=True, listing="model_stats"
     ),
     _KS + "RepositoryIndex": MethodRule(kserve_names=True, listing="models"),
+    _REPO + "LoadModel": MethodRule((pb.LoadModelRequest, "name"), admin=True),
+    _REPO + "UnloadModel": MethodRule((pb.UnloadModelRequest, "name"), admin=True),
+    _REPO + "RepositoryIndex": MethodRule(admin=True, listing="models"),
     _KS + "RepositoryModelLoad": MethodRule(
         (kserve.RepositoryModelLoadRequest, "model_name"), kserve_names=True, admin=True
     ),

@@ -50,7 +50,14 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from segserve_server.adapters.grpc_helpers import as_segserve_error
-from segserve_server.auth import Access, Principal, RateLimited, TokenTable, acting_as
+from segserve_server.auth import (
+    Access,
+    Principal,
+    RateLimited,
+    TokenTable,
+    Unauthenticated,
+    acting_as,
+)
 from segserve_server.core.service import SegmentationCore
 from segserve_server.core.tensor_types import IMAGE_SUFFIX
 from segserve_server.core.tensors import TensorAPI
@@ -321,7 +328,7 @@ class AuthMiddleware:
 def _authorization(request: Request) -> str | None:
     values = request.headers.getlist("authorization")
     if len(values) > 1:
-        raise InvalidArgument("more than one Authorization header")
+        raise Unauthenticated("more than one Authorization header: send one 'Bearer <token>'")
     return values[0] if values else None
 
 

@@ -59,10 +59,13 @@ _SNIFF_BYTES = 32  # the JPEG, PNG, WebP and BMP signatures, and the PNG, WebP a
 _DICOM_SNIFF_BYTES = 132  # DICOM's "DICM" is at 128
 _TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _MAX_SNIFF_BYTES = 64 * 1024  # a TIFF whose IFD0 is not within this is refused
+_EVERY_CHUNK_BYTES = 64 * 1024  # the header is looked at after every chunk up to here
 
 
 class UploadBuffer:
-    """The bytes of one upload, in one buffer of the declared size, with the header checks."""
+    """The bytes of one upload, in one buffer that grows as chunks arrive (never past the
+    declared size, so a client that declares much and sends little holds only what it sent),
+    with the header checks."""
 
     def __init__(self, total_bytes: int, max_upload_bytes: int, limits: decode.ImageLimits):
         if total_bytes <= 0:
@@ -78,8 +81,13 @@ class UploadBuffer:
         self.format: str | None = None
         self.size: tuple[int, int] | None = None  # (width, height) from the header
         self._limits = limits
-        self._data = bytearray(total_bytes)
-        self._view = memoryview(self._data)
+        self._data = bytearray()
+        self._checked_bytes = 0  # bytes in at the last header check
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held now: what was received, never the declared total up front."""
+        return len(self._data)
 
     def add(self, chunk: bytes) -> None:
         """Copies the next chunk in; checks the header as soon as enough bytes are in."""
@@ -89,16 +97,24 @@ class UploadBuffer:
                 f"upload sent more than the {self.total_bytes} bytes its header declared "
                 f"(at least {end})"
             )
-        self._view[self.received : end] = chunk
+        self._data += chunk
         self.received = end
-        if self.size is None:
+        # Re-parsing a long prefix on every small chunk would cost quadratic time on the loop:
+        # past the first 64 KiB, look again once the bytes in have doubled (or all are in).
+        if self.size is None and (
+            end <= _EVERY_CHUNK_BYTES or end >= 2 * self._checked_bytes or end == self.total_bytes
+        ):
+            self._checked_bytes = end
             self._check_header()
 
     def _check_header(self) -> None:
         complete = self.received == self.total_bytes
         if self.received < _SNIFF_BYTES and not complete:
             return
-        head = self._view[: self.received]
+        with memoryview(self._data) as whole, whole[: self.received] as head:
+            self._check_head(head, complete)
+
+    def _check_head(self, head: memoryview, complete: bool) -> None:
         if self.format is None:
             try:
                 self.format = decode.sniff_format(head)
@@ -128,7 +144,7 @@ class UploadBuffer:
             )
         if self.size is None:
             self._check_header()
-        return self._view
+        return memoryview(self._data)  # no more chunks: the buffer may be exported now
 
 
 def _options(header: pb.UploadHeader, core: SegmentationCore) -> SegmentInput:

@@ -25,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 from segserve_server.backends.factory import create_backend
 from segserve_server.core.model_state import (
@@ -71,6 +72,7 @@ class ModelManager:
         self.models: dict[str, Model] = {}
         self._watchers: list[Callable[[], None]] = []
         self._retiring: dict[ReadyVersion, asyncio.Task[None]] = {}
+        self._loads: set[asyncio.Task[Model]] = set()  # explicit loads running (shielded)
         self._poller: RepositoryPoller | None = None
 
     def watch(self, callback: Callable[[], None]) -> None:
@@ -135,6 +137,17 @@ class ModelManager:
         NOT_FOUND if the folder is not in the repository."""
         if not name or "/" in name or name.startswith("."):
             raise ModelNotFound(f"model name {name!r} is not a folder of the repository")
+        # A caller that goes away (a cancelled RPC) must not stop a load halfway: versions
+        # started but neither swapped in nor retired would leak. The load runs to its end.
+        return await asyncio.shield(self._track(self._load_locked(name, config_text)))
+
+    def _track(self, work: Coroutine[Any, Any, Model]) -> asyncio.Task[Model]:
+        task = asyncio.get_running_loop().create_task(work)
+        self._loads.add(task)  # referenced until done, so it is not collected midway
+        task.add_done_callback(self._loads.discard)
+        return task
+
+    async def _load_locked(self, name: str, config_text: str | None) -> Model:
         async with self._lock:
             if not await asyncio.to_thread((self._root / name).is_dir):
                 if name in self.models:
@@ -289,7 +302,10 @@ class ModelManager:
         task.add_done_callback(lambda _: self._retiring.pop(ready, None))
 
     async def _drain_retired(self, ready: ReadyVersion) -> None:
-        await ready.lease.idle()
+        # A request may take a lease between the idle event and this task resuming: wait
+        # until none is held at the moment the version closes (no await in between).
+        while ready.lease.holders:
+            await ready.lease.idle()
         ready.lease.closed = True
         try:
             await ready.batcher.stop(None)

@@ -54,7 +54,7 @@ def take_snapshot(model_dir: Path, config_text: str | None = None) -> Snapshot:
     A folder that vanishes meanwhile gives what was seen of it (the next poll sees the rest)."""
     model_files: list[tuple[str, int, int]] = []
     version_files: dict[int, list[tuple[str, int, int]]] = {}
-    for directory, subdirs, names in os.walk(model_dir):
+    for directory, subdirs, names in os.walk(model_dir, followlinks=True):
         subdirs[:] = [d for d in subdirs if not d.startswith(".")]
         relative_dir = Path(directory).relative_to(model_dir)
         top = relative_dir.parts[0] if relative_dir.parts else ""

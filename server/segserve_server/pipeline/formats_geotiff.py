@@ -36,6 +36,7 @@ from segserve_server.pipeline.scaling import (
 
 __all__ = [
     "GEO_TAGS",
+    "MAX_BYTES_PER_PIXEL",
     "GeoReference",
     "decode_tiff",
     "encode_geotiff",
@@ -48,6 +49,8 @@ __all__ = [
 GEO_TAGS = (33550, 33922, 34264, 34735, 34736, 34737)
 _PIXEL_SCALE, _TIEPOINT, _TRANSFORMATION, _GEOKEYS = 33550, 33922, 34264, 34735
 _MAX_BANDS = 1024
+MAX_BYTES_PER_PIXEL = 8
+"""Decoded bytes per pixel a TIFF may take, all bands together (e.g. four 16-bit bands)."""
 
 
 def is_tiff(data: bytes | memoryview) -> bool:
@@ -111,6 +114,16 @@ def decode_tiff(
         chosen = options.bands or ((1,) if count < 3 else (1, 2, 3))
         if max(chosen) > count:
             raise InvalidArgument(f"bands {list(chosen)} asked for; the TIFF has {count} band(s)")
+        # Every band is decoded: bound the decoded bytes, not only width x height (a small
+        # deflate TIFF of many bands is a decompression bomb).
+        decoded_bytes = width * height * count * int(page.dtype.itemsize if page.dtype else 8)
+        budget_bytes = limits.max_pixels * MAX_BYTES_PER_PIXEL
+        if decoded_bytes > budget_bytes:
+            raise InvalidArgument(
+                f"TIFF image {width}x{height} with {count} band(s) of "
+                f"{page.dtype} decodes to {decoded_bytes} bytes, over the {budget_bytes} bytes "
+                f"max_image_pixels allows ({MAX_BYTES_PER_PIXEL} bytes per pixel)"
+            )
         try:
             array = page.asarray()
         except (ValueError, NotImplementedError, RuntimeError) as exc:
