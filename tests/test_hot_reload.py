@@ -395,3 +395,17 @@ async def test_a_load_whose_caller_goes_away_still_completes(explicit: Client, r
         await load
     await until(lambda: _serves(explicit, 2), "version 2 to serve after the cancelled load")
     await until(lambda: _no_retiring(explicit), "version 1 to be retired")
+
+
+async def test_poll_follows_a_symlinked_version_folder(
+    polled: Client, repo: Path, tmp_path: Path
+) -> None:
+    """Version folders may be symlinks to builds elsewhere: a change inside the build is seen."""
+    builds = tmp_path / "builds"
+    builds.mkdir()
+    build = write_version(builds, 2, H, W)
+    (repo / "colour" / "2").symlink_to(build, target_is_directory=True)
+    await until(lambda: _serves(polled, 2), "the symlinked version 2 to serve")
+    (build / "model.onnx").write_bytes(b"this is not an ONNX model")  # a change inside the link
+    await until(lambda: _reason_mentions(polled, "version 2"), "the changed build to be reloaded")
+    assert (await polled.segment()).model_version == 2  # the version loaded before serves on
