@@ -15,6 +15,7 @@
     export_checks   the checks before anything is installed, agreement with torch included
     evaluate        `segserve eval`: through a server or offline, and its command line
     eval_data       the labelled data set of `segserve eval`: folders, pairs, label maps
+    repository      a repository model found and checked for the offline tools
     quantize        `segserve quantize`: static INT8 (QDQ) version of a repository model (onnx)
     flip            `segserve flip-average`: a version's test-time flip-averaging variant (onnx)
     engine          `segserve build-engine`: a TensorRT engine version (tensorrt, GPU)

@@ -49,8 +49,8 @@ from segserve_server.model_repository import (
     ModelConfig,
     RepositoryEntry,
     parse_config,
-    scan_repository,
 )
+from segserve_server.training.repository import ONNX_PLATFORMS, repository_entry
 
 __all__ = [
     "DEFAULT_TIMING_CACHE",
@@ -90,21 +90,12 @@ class EngineOptions:
 
 def source_entry(repository: Path, model: str) -> tuple[RepositoryEntry, ModelConfig]:
     """The model's entry and config; EngineError unless it is a valid ONNX model."""
-    if not repository.is_dir():
-        raise EngineError(f"model repository {str(repository)!r} is not a folder")
-    entries = {e.name: e for e in scan_repository(repository)}
-    entry = entries.get(model)
-    if entry is None:
+    entry, config = repository_entry(repository, model, EngineError)
+    if config.platform not in ONNX_PLATFORMS:
         raise EngineError(
-            f"model {model!r} is not in {repository} (models: {', '.join(sorted(entries))})"
+            f"model {model!r} is a {config.platform!r} model; build-engine takes ONNX"
         )
-    if entry.config is None or entry.error:
-        raise EngineError(f"model {model!r} is invalid: {entry.error}")
-    if entry.config.platform not in ("onnxruntime_onnx", "onnxruntime"):
-        raise EngineError(
-            f"model {model!r} is a {entry.config.platform!r} model; build-engine takes ONNX"
-        )
-    return entry, entry.config
+    return entry, config
 
 
 def next_version(entry: RepositoryEntry, requested: int | None = None) -> int:

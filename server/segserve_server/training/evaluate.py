@@ -169,22 +169,13 @@ class OfflineModel:
     ) -> None:
         from segserve_server.backends.onnxruntime import OnnxRuntimeBackend
         from segserve_server.errors import ModelConfigError
-        from segserve_server.model_repository import scan_repository
         from segserve_server.pipeline import decode
         from segserve_server.pipeline.preprocess import Preprocessor
         from segserve_server.settings import load_settings
+        from segserve_server.training.repository import ONNX_PLATFORMS, repository_entry
 
         repository = Path(repository)
-        if not repository.is_dir():
-            raise EvalError(f"model repository {str(repository)!r} is not a folder")
-        entries = {e.name: e for e in scan_repository(repository)}
-        entry = entries.get(model)
-        if entry is None:
-            raise EvalError(
-                f"model {model!r} is not in {repository} (models: {', '.join(sorted(entries))})"
-            )
-        if entry.config is None or entry.error:
-            raise EvalError(f"model {model!r} is invalid: {entry.error}")
+        entry, config = repository_entry(repository, model, EvalError)
         loadable = entry.versions_to_load
         if version == 0:
             if not loadable:
@@ -192,23 +183,23 @@ class OfflineModel:
             version = max(loadable)
         elif version not in entry.versions:
             raise EvalError(f"model {model!r} has no version {version} ({sorted(entry.versions)})")
-        if entry.config.platform not in ("onnxruntime_onnx", "onnxruntime"):
+        if config.platform not in ONNX_PLATFORMS:
             raise EvalError(
-                f"model {model!r} is a {entry.config.platform!r} model; --offline runs ONNX models"
+                f"model {model!r} is a {config.platform!r} model; --offline runs ONNX models"
             )
         # The server's defaults, from the same settings (SEGSERVE_* variables apply as well),
         # and the server's own ONNX Runtime backend (session options, providers, signature check).
         self.settings = load_settings(
             None, model_repository=repository, ort_intra_op_threads=threads
         )
-        model_path = entry.versions[version] / entry.config.model_filename
+        model_path = entry.versions[version] / config.model_filename
         try:
-            self.backend = OnnxRuntimeBackend(entry.config, model_path, self.settings)
+            self.backend = OnnxRuntimeBackend(config, model_path, self.settings)
         except ModelConfigError as exc:
             raise EvalError(f"model {model!r} version {version} does not load: {exc}") from exc
-        self.config = entry.config
+        self.config = config
         self.version = version
-        self.preprocess = Preprocessor(entry.config)
+        self.preprocess = Preprocessor(config)
         self.limits = decode.ImageLimits(
             self.settings.max_image_pixels, self.settings.max_image_side
         )

@@ -37,7 +37,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from segserve_server.model_repository import flip_average_filename, scan_repository
+from segserve_server.model_repository import flip_average_filename
+from segserve_server.training.repository import repository_entry
 
 __all__ = ["FlipError", "build_parser", "flip_average", "main", "write_flip_variants"]
 
@@ -188,18 +189,7 @@ def write_flip_variants(
     repository: str | Path, model: str, versions: Sequence[int] = ()
 ) -> list[Path]:
     """Writes `<version>/model.flip.onnx` for `versions` (default: every version) of `model`."""
-    repository = Path(repository)
-    if not repository.is_dir():
-        raise FlipError(f"model repository {str(repository)!r} is not a folder")
-    entries = {e.name: e for e in scan_repository(repository)}
-    entry = entries.get(model)
-    if entry is None:
-        raise FlipError(
-            f"model {model!r} is not in {repository} (models: {', '.join(sorted(entries))})"
-        )
-    config = entry.config
-    if config is None or entry.error:
-        raise FlipError(f"model {model!r} is invalid: {entry.error}")
+    entry, config = repository_entry(Path(repository), model, FlipError)
     missing = [v for v in versions if v not in entry.versions]
     if missing:
         raise FlipError(f"model {model!r} has no version {missing[0]} ({sorted(entry.versions)})")

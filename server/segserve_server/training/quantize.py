@@ -46,8 +46,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from segserve_server.model_repository import ModelConfig, RepositoryEntry, scan_repository
+from segserve_server.model_repository import ModelConfig, RepositoryEntry
 from segserve_server.training.eval_data import IMAGE_SUFFIXES
+from segserve_server.training.repository import ONNX_PLATFORMS, repository_entry
 
 __all__ = [
     "DEFAULT_FRAMES",
@@ -104,21 +105,12 @@ class QuantizeResult:
 
 
 def _entry(repository: Path, model: str) -> tuple[RepositoryEntry, ModelConfig]:
-    if not repository.is_dir():
-        raise QuantizeError(f"model repository {str(repository)!r} is not a folder")
-    entries = {e.name: e for e in scan_repository(repository)}
-    entry = entries.get(model)
-    if entry is None:
+    entry, config = repository_entry(repository, model, QuantizeError)
+    if config.platform not in ONNX_PLATFORMS:
         raise QuantizeError(
-            f"model {model!r} is not in {repository} (models: {', '.join(sorted(entries))})"
+            f"model {model!r} is a {config.platform!r} model; quantize takes ONNX models"
         )
-    if entry.config is None or entry.error:
-        raise QuantizeError(f"model {model!r} is invalid: {entry.error}")
-    if entry.config.platform not in ("onnxruntime_onnx", "onnxruntime"):
-        raise QuantizeError(
-            f"model {model!r} is a {entry.config.platform!r} model; quantize takes ONNX models"
-        )
-    return entry, entry.config
+    return entry, config
 
 
 def calibration_frames(folder: Path, count: int) -> list[Path]:
