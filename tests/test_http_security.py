@@ -13,40 +13,15 @@ import numpy as np
 import pytest
 import tritonclient.http as th
 
-from segserve_server.auth import token_sha256
 from segserve_server.server import Server
 from tests.conftest import H, W, encode, make_settings, quadrant_image
 from tests.harness.certs import Certificates, make_certificates
 from tests.harness.synthetic_models import write_entry
+from tests.harness.tokens import ADMIN, FULL, LIMITED, SCOPED, TOKENS
 
 pytestmark = pytest.mark.timeout(60)
 
 PNG = encode(quadrant_image())
-FULL = "full-access-token-0123456789"
-SCOPED = "colour-only-token-0123456789"
-ADMIN = "admin-token-abcdefghijklmnop"
-LIMITED = "limited-token-abcdefghijklmn"  # 2 requests, then (practically) none
-TOKENS = f"""
-[[tokens]]
-name = "full"
-secret = "{FULL}"
-
-[[tokens]]
-name = "scoped"
-sha256 = "{token_sha256(SCOPED)}"
-models = ["colour"]
-
-[[tokens]]
-name = "admin"
-secret = "{ADMIN}"
-admin = true
-
-[[tokens]]
-name = "limited"
-secret = "{LIMITED}"
-rate_per_s = 0.0001
-burst = 2
-"""
 ORIGIN = "https://console.example"
 
 

@@ -30,34 +30,20 @@ from segserve_server.settings import Settings
 from tests.conftest import H, W, encode, make_settings, quadrant_image
 from tests.harness.certs import Certificates, make_certificates
 from tests.harness.synthetic_models import expected_colour_labels, write_entry
+from tests.harness.tokens import ADMIN, FULL, LIMITED, SCOPED
+from tests.harness.tokens import TOKENS as BASE_TOKENS
 
 pytestmark = pytest.mark.timeout(60)
 
 QUADRANT = quadrant_image()
 PNG = encode(QUADRANT)
 EXPECTED = expected_colour_labels(QUADRANT)
-FULL = "full-access-token-0123456789"
-SCOPED = "colour-only-token-0123456789"  # stored as its sha256
-ADMIN = "admin-token-abcdefghijklmnop"
-LIMITED = "limited-token-abcdefghijklmn"  # 2 requests, then (practically) none
 STREAM_LIMITED = "stream-limited-token-abcdefg"  # 4 requests: the stream and 3 frames
 ENV_TOKEN = "env-token-abcdefghijklmnopq"
 SCOPED_ADMIN = "colour-admin-token-01234567"  # admin, of the colour model only
-TOKENS = f"""
-[[tokens]]
-name = "full"
-secret = "{FULL}"
-
-[[tokens]]
-name = "scoped"
-sha256 = "{token_sha256(SCOPED)}"
-models = ["colour"]
-
-[[tokens]]
-name = "admin"
-secret = "{ADMIN}"
-admin = true
-
+TOKENS = (
+    BASE_TOKENS
+    + f"""
 [[tokens]]
 name = "colour-admin"
 secret = "{SCOPED_ADMIN}"
@@ -65,17 +51,12 @@ models = ["colour"]
 admin = true
 
 [[tokens]]
-name = "limited"
-secret = "{LIMITED}"
-rate_per_s = 0.0001
-burst = 2
-
-[[tokens]]
 name = "stream-limited"
 secret = "{STREAM_LIMITED}"
 rate_per_s = 0.0001
 burst = 4
 """
+)
 
 
 def bearer(token: str) -> tuple[tuple[str, str]]:
