@@ -34,20 +34,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
-from segserve_server.errors import SegserveError
+from segserve_server.errors import PermissionDenied, RateLimited, SegserveError, Unauthenticated
 
 __all__ = [
     "AUTH_HINT",
     "MIN_SECRET_CHARS",
     "Access",
-    "PermissionDenied",
     "Principal",
     "RateLimit",
-    "RateLimited",
     "TokenTable",
-    "Unauthenticated",
     "acting_as",
     "authorize_model",
     "current_access",
@@ -66,24 +61,6 @@ _NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 _SECRET = re.compile(r"^[\x21-\x7e]+$")  # visible ASCII: what gRPC metadata and HTTP headers carry
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 _KEYS = {"name", "secret", "sha256", "models", "admin", "rate_per_s", "burst"}
-
-
-class Unauthenticated(SegserveError):
-    """No token, a garbled one, or one no entry has: the caller is not known."""
-
-    code = grpc.StatusCode.UNAUTHENTICATED
-
-
-class PermissionDenied(SegserveError):
-    """The caller is known, but its token does not cover this model or method."""
-
-    code = grpc.StatusCode.PERMISSION_DENIED
-
-
-class RateLimited(SegserveError):
-    """The token's request bucket is empty: retry later."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def token_sha256(token: str) -> str:

@@ -1,7 +1,8 @@
 """The one exception hierarchy of segserve; each error carries the gRPC status code it maps to.
 
-They become gRPC statuses in one place, `adapters.grpc_helpers` (shared by the segserve.v1 and
-KServe v2 adapters); anything else that escapes a handler is logged there and becomes INTERNAL.
+They become gRPC statuses in one place, `adapters.grpc_helpers` (shared by the gRPC adapters),
+and HTTP statuses in one place, `adapters.http_app` (by the same codes); anything else that
+escapes a handler is logged there and becomes INTERNAL.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ import grpc
 
 __all__ = [
     "MAX_MESSAGE_CHARS",
+    "BodyTooLarge",
+    "ClientGone",
     "ConfidenceUnavailable",
     "DeadlineExceeded",
+    "FormatUnavailable",
     "FrameDropped",
     "FrameExpired",
     "InferenceFailed",
@@ -19,9 +23,12 @@ __all__ = [
     "ModelConfigError",
     "ModelNotFound",
     "ModelUnavailable",
+    "PermissionDenied",
     "QueueFull",
     "QueueTimeout",
+    "RateLimited",
     "SegserveError",
+    "Unauthenticated",
     "bounded",
 ]
 
@@ -123,6 +130,43 @@ class InferenceFailed(SegserveError):
     """The backend failed while running a batch, or returned output of the wrong shape."""
 
     code = grpc.StatusCode.INTERNAL
+
+
+class Unauthenticated(SegserveError):
+    """No token, a garbled one, or one no entry has: the caller is not known."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(SegserveError):
+    """The caller is known, but its token does not cover this model or method."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class RateLimited(SegserveError):
+    """The token's request bucket is empty: retry later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FormatUnavailable(SegserveError):
+    """An input or output format whose library is not installed (the `formats` extra), or a
+    compression that the installed codecs cannot decode."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class BodyTooLarge(SegserveError):
+    """A request body over max_receive_message_bytes (gRPC's RESOURCE_EXHAUSTED; HTTP 413)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class ClientGone(SegserveError):
+    """The HTTP client closed the connection before its answer (gRPC's CANCELLED; HTTP 499)."""
+
+    code = grpc.StatusCode.CANCELLED
 
 
 class ModelConfigError(Exception):

@@ -35,13 +35,11 @@ from segserve_server.adapters.grpc_helpers import abort_with
 from segserve_server.auth import (
     Access,
     Principal,
-    RateLimited,
     TokenTable,
-    Unauthenticated,
     current_access,
 )
 from segserve_server.core.tensor_types import IMAGE_SUFFIX
-from segserve_server.errors import SegserveError
+from segserve_server.errors import RateLimited, SegserveError, Unauthenticated
 
 __all__ = [
     "ADMIN_PREFIXES",

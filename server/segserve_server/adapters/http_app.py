@@ -53,15 +53,20 @@ from segserve_server.adapters.grpc_helpers import as_segserve_error
 from segserve_server.auth import (
     Access,
     Principal,
-    RateLimited,
     TokenTable,
-    Unauthenticated,
     acting_as,
 )
 from segserve_server.core.service import SegmentationCore
 from segserve_server.core.tensor_types import IMAGE_SUFFIX
 from segserve_server.core.tensors import TensorAPI
-from segserve_server.errors import InvalidArgument, SegserveError
+from segserve_server.errors import (
+    BodyTooLarge,
+    ClientGone,
+    InvalidArgument,
+    RateLimited,
+    SegserveError,
+    Unauthenticated,
+)
 from segserve_server.settings import Settings
 
 T = TypeVar("T")
@@ -73,8 +78,6 @@ __all__ = [
     "OPEN_PREFIXES",
     "TIMEOUT_HEADERS",
     "AuthMiddleware",
-    "BodyTooLarge",
-    "ClientGone",
     "HttpServer",
     "HttpState",
     "build_app",
@@ -132,18 +135,6 @@ EXPOSED_HEADERS = (
 )
 """Response headers a browser script may read across origins (with CORS on)."""
 _ADMIN_SUFFIXES = ("/load", "/unload")  # under /v2/repository/models/
-
-
-class BodyTooLarge(SegserveError):
-    """A request body over max_receive_message_bytes (gRPC's RESOURCE_EXHAUSTED; HTTP 413)."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-class ClientGone(SegserveError):
-    """The HTTP client closed the connection before its answer (gRPC's CANCELLED; HTTP 499)."""
-
-    code = grpc.StatusCode.CANCELLED
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -37,7 +37,6 @@ from starlette.routing import BaseRoute, Route
 from tritonclient.grpc import service_pb2 as kserve
 
 from segserve_server.adapters.http_app import (
-    BodyTooLarge,
     HttpState,
     check_model,
     deadline_of,
@@ -49,7 +48,7 @@ from segserve_server.adapters.http_app import (
 from segserve_server.adapters.kserve_tensors import to_infer_request
 from segserve_server.adapters.kserve_v2 import KServeServicer
 from segserve_server.core.tensors import DATATYPES, InferResult
-from segserve_server.errors import InvalidArgument
+from segserve_server.errors import BodyTooLarge, InvalidArgument
 
 __all__ = ["HEADER_LENGTH", "message_json", "parse_infer", "routes"]
 

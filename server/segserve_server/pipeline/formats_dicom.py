@@ -24,11 +24,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from segserve_server.errors import InvalidArgument
+from segserve_server.errors import FormatUnavailable, InvalidArgument
 from segserve_server.pipeline.decode import DecodedImage, ImageLimits, check_size
 from segserve_server.pipeline.scaling import (
     DecodeOptions,
-    FormatUnavailable,
     Scaling,
     optional_module,
     to_uint8,

@@ -19,15 +19,13 @@ import math
 from dataclasses import dataclass
 from types import ModuleType
 
-import grpc
 import numpy as np
 
-from segserve_server.errors import InvalidArgument, SegserveError
+from segserve_server.errors import FormatUnavailable, InvalidArgument
 
 __all__ = [
     "EXTRA_HINT",
     "DecodeOptions",
-    "FormatUnavailable",
     "Scaling",
     "optional_module",
     "to_uint8",
@@ -35,13 +33,6 @@ __all__ = [
 ]
 
 EXTRA_HINT = "install the server's `formats` extra: pip install 'segserve[formats]'"
-
-
-class FormatUnavailable(SegserveError):
-    """An input or output format whose library is not installed (the `formats` extra), or a
-    compression that the installed codecs cannot decode."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 def optional_module(name: str, what: str) -> ModuleType:
