@@ -87,7 +87,8 @@ class Paths:
         self.config = config_of(repository, f"device_{output}")
         model = repository / f"device_{output}" / "1" / "model.onnx"
         self.host = OnnxRuntimeBackend(self.config, model, settings)
-        self.device = DeviceBatchBackend(OnnxRuntimeBackend(self.config, model, settings), "cpu")
+        inner = OnnxRuntimeBackend(self.config, model, settings)
+        self.device = DeviceBatchBackend(inner, "cpu", self.config)
         self.pipeline = DevicePipeline(self.config, self.device.tensors, self.device.device, LIMITS)
         self.preprocess = Preprocessor(self.config)
 
@@ -311,7 +312,7 @@ def test_cuda_pipeline_matches_cpu_pipeline(paths, ext):
     """On CUDA: PNG decodes on the host (same pixels); JPEG on nvJPEG (its IDCT may differ from
     libjpeg-turbo's by a grey level or two, so the same label tolerance applies)."""
     side = paths["logits"]
-    cuda_backend = DeviceBatchBackend(side.device.inner, "cuda:0")
+    cuda_backend = DeviceBatchBackend(side.device.inner, "cuda:0", side.config)
     cuda = DevicePipeline(side.config, cuda_backend.tensors, cuda_backend.device, LIMITS)
     assert cuda.gpu_decode, "the gpu extra's torchvision decodes JPEG on the GPU"
     data = encode(scene(1080, 1920), ext)

@@ -4,9 +4,10 @@ The batcher queues and stacks numpy arrays. A model on the device pipeline keeps
 the device (torch tensors on "cuda:N", or "cpu" in the tests), so what it queues is a *handle*:
 a (1,) int64 array naming a tensor held by `DeviceTensors`. `DeviceBatchBackend` wraps the
 model's backend: it looks the handles of a batch up, stacks the tensors on the device, runs the
-model there (TensorRT takes device tensors as they are; any other backend gets them as numpy,
-which on "cpu" is the same memory) and answers handles of the per-image outputs, still on the
-device, for the pipeline's postprocess (argmax and the resize back there too).
+model there (TensorRT takes device tensors as they are, ONNX Runtime binds them by IOBinding;
+any other backend gets them as numpy, which on "cpu" is the same memory) and answers handles of
+the per-image outputs, still on the device, for the pipeline's postprocess (argmax and the
+resize back there too).
 
 A handle's tensor lives exactly as long as the handle array (and any view of it) does: a
 `weakref.finalize` on the array drops the entry, so a request cancelled or expired anywhere
@@ -30,8 +31,10 @@ import numpy as np
 import torch
 
 from segserve_server.backends.base import SyncBackend
+from segserve_server.backends.onnxruntime_iobinding import iobinding_runner
 from segserve_server.errors import InferenceFailed, ModelConfigError
 from segserve_server.gpu_metrics import request_gpu_metrics
+from segserve_server.model_repository import ModelConfig
 
 __all__ = [
     "DeviceBatchBackend",
@@ -142,17 +145,24 @@ class DeviceInfer(Protocol):
 
 
 class DeviceBatchBackend(SyncBackend):
-    """Runs batches of handles (device pipeline) or of raw inputs on `inner`, on `device`."""
+    """Runs batches of handles (device pipeline) or of raw inputs on `inner`, on `device`.
 
-    def __init__(self, inner: SyncBackend, device: str) -> None:
+    `transfer` says how a batch reaches the model: "device" (TensorRT takes the tensors),
+    "iobinding" (ONNX Runtime reads and writes device memory: backends/onnxruntime_iobinding.py;
+    needs `config`) or "host" (numpy copies: on "cpu" the same memory; on CUDA two copies)."""
+
+    def __init__(self, inner: SyncBackend, device: str, config: ModelConfig | None = None) -> None:
         self.inner = inner
         self.device = check_device(device)
         self.tensors = DeviceTensors()
         self._run: Callable[[torch.Tensor], torch.Tensor]
+        bound = iobinding_runner(inner, config, self.device) if config is not None else None
         if isinstance(inner, DeviceInfer):
-            self._run = inner.infer_device
+            self._run, self.transfer = inner.infer_device, "device"
+        elif bound is not None:
+            self._run, self.transfer = bound, "iobinding"
         else:
-            self._run = self._through_host
+            self._run, self.transfer = self._through_host, "host"
 
     def _through_host(self, batch: torch.Tensor) -> torch.Tensor:
         """A backend that takes numpy: on "cpu" no copy either way; on CUDA two copies."""

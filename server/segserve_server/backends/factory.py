@@ -63,7 +63,7 @@ def create_backend(config: ModelConfig, version_dir: Path, settings: Settings) -
         inner = _in_process(config, version_dir, settings)
         if not isinstance(inner, SyncBackend):
             raise ModelConfigError('segserve.pipeline "device" needs an in-process backend')
-        return DeviceBatchBackend(inner, config.device)
+        return DeviceBatchBackend(inner, config.device, config)
     return _in_process(config, version_dir, settings)
 
 

@@ -13,8 +13,10 @@ cores are shared with decoding and encoding, and spinning burned 5 ms of CPU per
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -197,7 +199,28 @@ class OnnxRuntimeBackend(SyncBackend):
     async def aclose(self) -> None:
         self.close()
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    @property
+    def input_name(self) -> str:
+        return self._input_name
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._output_names)
+
+    @property
+    def provider(self) -> str:
+        """The execution provider that runs the model (the first of the session's)."""
+        return self._provider
+
+    def output_types(self) -> dict[str, str]:
+        """Each output's ONNX type, e.g. "tensor(float)"; {} once closed."""
+        session = self._session
+        return {o.name: o.type for o in session.get_outputs()} if session is not None else {}
+
+    @contextlib.contextmanager
+    def session_for_batch(self) -> Iterator[ort.InferenceSession]:
+        """The session to run one batch on: the every-core one when nothing else is running on
+        a lane (see the module docstring), else a lane's."""
         with self._running_lock:
             alone = self._running == 0
             self._running += 1
@@ -205,8 +228,12 @@ class OnnxRuntimeBackend(SyncBackend):
             session = self._wide_session if alone and self._wide_session else self._session
             if session is None:
                 raise RuntimeError(f"{self.description} backend is closed")
-            outputs = session.run(self._output_names, {self._input_name: batch})
+            yield session
         finally:
             with self._running_lock:
                 self._running -= 1
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        with self.session_for_batch() as session:
+            outputs = session.run(self._output_names, {self._input_name: batch})
         return stack_outputs(outputs)

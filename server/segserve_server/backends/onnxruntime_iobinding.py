@@ -1,0 +1,144 @@
+"""ONNX Runtime on device tensors (IOBinding): the device pipeline's batches run where they lie.
+
+Without this, a device-pipeline model on ONNX Runtime's CUDA or TensorRT provider would copy
+each batch to the host for `session.run` and its outputs back to the device (backends/device.py,
+`_through_host`). With IOBinding the session reads the stacked input from the torch tensor's
+memory and writes every output into a torch tensor allocated on the same device, so nothing
+crosses PCIe until the pipeline's uint8 label map does.
+
+It serves when the session's provider runs on the pipeline's device: CPUExecutionProvider for
+"cpu" (where the tests prove it) and the CUDA or TensorRT provider for "cuda:N" (same code,
+device type "cuda"). Otherwise `iobinding_runner` answers None and the host copies stay.
+
+Output shapes come from config.pbtxt, which the loader has already checked against the model:
+labels (N, H, W) per output, scores (N, C, H, W). A model that writes anything else fails the
+batch with InferenceFailed (ONNX Runtime refuses a bound buffer of the wrong shape).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from segserve_server.backends.onnxruntime import OnnxRuntimeBackend
+from segserve_server.errors import InferenceFailed
+from segserve_server.model_repository import ModelConfig
+
+__all__ = ["IOBindingRunner", "iobinding_runner"]
+
+log = logging.getLogger(__name__)
+
+# ONNX tensor types as onnxruntime names them -> numpy (the element types bind_* takes).
+_ONNX_TYPES: dict[str, type[np.generic]] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+}
+_TORCH_TYPES: dict[type[np.generic], torch.dtype] = {
+    np.float32: torch.float32,
+    np.float16: torch.float16,
+    np.uint8: torch.uint8,
+    np.int8: torch.int8,
+    np.int32: torch.int32,
+    np.int64: torch.int64,
+}
+# The providers whose memory is the device's, by torch device type.
+_PROVIDERS = {
+    "cpu": {"CPUExecutionProvider"},
+    "cuda": {"CUDAExecutionProvider", "TensorrtExecutionProvider"},
+}
+
+
+def iobinding_runner(
+    backend: object, config: ModelConfig, device: torch.device
+) -> IOBindingRunner | None:
+    """An IOBinding runner for `backend` on `device`, or None where the host copies must stay
+    (not ONNX Runtime, its provider on another device, an output type torch lacks)."""
+    if not isinstance(backend, OnnxRuntimeBackend):
+        return None
+    if backend.provider not in _PROVIDERS.get(device.type, set()):
+        log.info(
+            "model %s: %s does not run on %s; batches go through host memory",
+            config.name,
+            backend.provider,
+            device,
+        )
+        return None
+    types = backend.output_types()
+    dtypes = [_ONNX_TYPES.get(types.get(name, "")) for name in backend.output_names]
+    if any(dtype is None for dtype in dtypes):
+        log.info("model %s: output types %s cannot be bound; host copies", config.name, types)
+        return None
+    return IOBindingRunner(backend, config, device, [d for d in dtypes if d is not None])
+
+
+class IOBindingRunner:
+    """Runs (N, ...) device tensors on an ONNX Runtime session by IOBinding (thread-safe: one
+    binding per call)."""
+
+    def __init__(
+        self,
+        backend: OnnxRuntimeBackend,
+        config: ModelConfig,
+        device: torch.device,
+        output_dtypes: list[type[np.generic]],
+    ) -> None:
+        self._backend = backend
+        self._device = device
+        self._device_type = device.type
+        self._device_id = device.index or 0
+        height, width = config.input_height, config.input_width
+        per_image = (
+            (height, width) if config.outputs_labels else (len(config.classes), height, width)
+        )
+        self._outputs = list(zip(backend.output_names, output_dtypes, strict=True))
+        self._per_image = per_image
+        self._description = backend.description
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N, ...) model inputs on the device -> the outputs as backends stack them (one output
+        as it is; labels and confidence as (N, 2, H, W)), on the device."""
+        batch = batch.contiguous()
+        dtype = _numpy_of(batch.dtype)
+        shape = (batch.shape[0], *self._per_image)
+        outputs = [
+            torch.empty(shape, dtype=_TORCH_TYPES[out_type], device=self._device)
+            for _, out_type in self._outputs
+        ]
+        if self._device_type == "cuda":  # the session reads on its own stream
+            torch.cuda.current_stream(self._device).synchronize()
+        with self._backend.session_for_batch() as session:
+            binding = session.io_binding()
+            binding.bind_input(
+                self._backend.input_name,
+                self._device_type,
+                self._device_id,
+                dtype,
+                tuple(batch.shape),
+                batch.data_ptr(),
+            )
+            for (name, out_type), tensor in zip(self._outputs, outputs, strict=True):
+                binding.bind_output(
+                    name, self._device_type, self._device_id, out_type, shape, tensor.data_ptr()
+                )
+            try:
+                session.run_with_iobinding(binding)
+            except Exception as exc:  # onnxruntime's errors are untyped
+                raise InferenceFailed(
+                    f"{self._description} failed on a bound batch of {tuple(batch.shape)} "
+                    f"(outputs bound as {shape}): {exc}"
+                ) from exc
+            binding.synchronize_outputs()
+        return outputs[0] if len(outputs) == 1 else torch.stack(outputs, 1)
+
+
+def _numpy_of(dtype: torch.dtype) -> type[np.generic]:
+    for numpy_type, torch_type in _TORCH_TYPES.items():
+        if torch_type == dtype:
+            return numpy_type
+    raise InferenceFailed(f"input type {dtype} cannot be bound to onnxruntime")

@@ -1,0 +1,101 @@
+"""ONNX Runtime by IOBinding on device tensors (backends/onnxruntime_iobinding.py), on "cpu".
+
+The same code binds "cuda" memory on a GPU host; here the CPU provider reads the torch input in
+place and writes into torch outputs, and every answer must equal `session.run`'s exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="IOBinding on device tensors needs torch")
+
+from segserve_server.backends.device import DeviceBatchBackend  # noqa: E402
+from segserve_server.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
+from segserve_server.backends.onnxruntime_iobinding import iobinding_runner  # noqa: E402
+from segserve_server.errors import InferenceFailed  # noqa: E402
+from segserve_server.model_repository import ModelConfig, parse_config  # noqa: E402
+from tests.conftest import H, W, make_settings  # noqa: E402
+from tests.harness.synthetic_models import write_confidence_entry, write_entry  # noqa: E402
+
+MODELS = ("labels", "logits", "confidence")
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("iobinding")
+    write_entry(root, "labels", H, W, output="labels")
+    write_entry(root, "logits", H, W, output="logits")
+    write_confidence_entry(root, "confidence", H, W)
+    return root
+
+
+def load(repository: Path, name: str) -> tuple[ModelConfig, OnnxRuntimeBackend]:
+    config = parse_config((repository / name / "config.pbtxt").read_text(), repository / name)
+    model = repository / name / "1" / "model.onnx"
+    return config, OnnxRuntimeBackend(config, model, make_settings(repository))
+
+
+def batch(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-2.0, 2.0, (n, 3, H, W)).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("n", [1, 3])
+def test_bound_outputs_equal_session_run(repository, name, n):
+    config, backend = load(repository, name)
+    runner = iobinding_runner(backend, config, torch.device("cpu"))
+    assert runner is not None
+    inputs = batch(n, seed=n)
+    expected = backend.infer(inputs)
+    got = runner(torch.from_numpy(inputs))
+    assert got.dtype == torch.from_numpy(expected).dtype
+    np.testing.assert_array_equal(got.numpy(), expected)
+    if name == "confidence":
+        assert tuple(got.shape) == (n, 2, H, W)
+
+
+def test_the_input_is_read_in_place_and_outputs_are_fresh_tensors(repository):
+    """The bound input is the tensor's own memory: a non-contiguous view is made contiguous
+    first; outputs are new tensors, never the input's memory."""
+    config, backend = load(repository, "logits")
+    runner = iobinding_runner(backend, config, torch.device("cpu"))
+    assert runner is not None
+    inputs = torch.from_numpy(batch(2)).transpose(2, 3).contiguous().transpose(2, 3)
+    assert not inputs.is_contiguous()
+    got = runner(inputs)
+    np.testing.assert_array_equal(got.numpy(), backend.infer(inputs.contiguous().numpy()))
+    assert got.data_ptr() != inputs.data_ptr()
+
+
+def test_device_backend_uses_iobinding_and_reports_it(repository):
+    config, backend = load(repository, "logits")
+    device = DeviceBatchBackend(backend, "cpu", config)
+    assert device.transfer == "iobinding"
+    handles = device.tensors.put_many(list(torch.from_numpy(batch(3)).unbind(0)))
+    outputs = device.tensors.get(device.infer(handles))
+    np.testing.assert_array_equal(torch.stack(outputs).numpy(), backend.infer(batch(3)))
+    assert DeviceBatchBackend(backend, "cpu").transfer == "host"  # no config: no binding
+
+
+def test_a_provider_on_another_device_keeps_the_host_copies(repository):
+    config, backend = load(repository, "labels")
+    assert backend.provider == "CPUExecutionProvider"
+    assert iobinding_runner(backend, config, torch.device("cuda", 0)) is None
+    assert iobinding_runner(object(), config, torch.device("cpu")) is None
+
+
+def test_a_wrong_input_fails_the_batch_with_the_shapes(repository):
+    config, backend = load(repository, "logits")
+    runner = iobinding_runner(backend, config, torch.device("cpu"))
+    assert runner is not None
+    wrong = torch.zeros((1, 3, H + 1, W), dtype=torch.float32)
+    with pytest.raises(InferenceFailed, match=r"bound batch of \(1, 3, "):
+        runner(wrong)
+    np.testing.assert_array_equal(
+        runner(torch.from_numpy(batch(1))).numpy(), backend.infer(batch(1))
+    )
