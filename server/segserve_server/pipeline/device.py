@@ -6,7 +6,8 @@ It mirrors the host path step for step (pipeline/decode.py, preprocess.py, postp
 is checked against it on "cpu" (tests/test_device_pipeline.py):
 
 - decode: JPEG on the GPU with torchvision's `decode_jpeg(device="cuda")` (nvJPEG; EXIF
-  orientation applied with torch ops; full size: nvJPEG has no DCT scaling). Other formats, and
+  orientation applied with torch ops; full size: nvJPEG has no DCT scaling), the JPEGs of
+  concurrent requests in one batched call (pipeline/jpeg_batch.py). Other formats, and
   every format on "cpu", use the host decoder (decode.decode), then one copy to the device.
 - preprocess: bilinear resize (half-pixel centres, no antialias: cv2.INTER_LINEAR's geometry),
   rounded to whole values as OpenCV's uint8 resize is, then channel order and the folded
@@ -28,6 +29,7 @@ import logging
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,10 +43,12 @@ from segserve_server.errors import InferenceFailed, InvalidArgument
 from segserve_server.model_repository import ModelConfig
 from segserve_server.pipeline import decode
 from segserve_server.pipeline.decode import ImageLimits, RawPixels
+from segserve_server.pipeline.jpeg_batch import DecodeCoalescer
 from segserve_server.pipeline.postprocess import Postprocessed
 
 __all__ = [
     "DevicePipeline",
+    "JpegDecoder",
     "Prepared",
     "apply_orientation",
     "nearest_indices",
@@ -52,6 +56,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+JpegDecoder = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+"""Encoded JPEGs (1-D uint8 tensors) -> (3, h, w) RGB uint8 tensors on the device, one call."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,7 @@ class DevicePipeline:
         limits: ImageLimits,
         *,
         gpu_decode: bool | None = None,
+        jpeg_decoder: JpegDecoder | None = None,
     ) -> None:
         self._config = config
         self._tensors = tensors
@@ -133,11 +141,24 @@ class DevicePipeline:
             self._decode_jpeg = None
         if gpu_decode and self._decode_jpeg is None:
             log.warning("model %s: no GPU JPEG decoder; decoding on the CPU", config.name)
+        if jpeg_decoder is not None:  # the tests' stand-in for nvJPEG on "cpu"
+            self._decode_jpeg = jpeg_decoder
+        # Concurrent requests' JPEGs, one batched call (as many as an inference batch).
+        self._jpegs: DecodeCoalescer[torch.Tensor, torch.Tensor] | None = (
+            DecodeCoalescer(self._decode_jpeg, max(1, config.batching.max_batch_size))
+            if self._decode_jpeg is not None
+            else None
+        )
 
     @property
     def gpu_decode(self) -> bool:
         """Whether JPEGs decode on the GPU (torchvision on CUDA)."""
         return self._decode_jpeg is not None
+
+    @property
+    def jpeg_batches(self) -> int:
+        """Batched JPEG decode calls made so far (0 without a GPU decoder)."""
+        return self._jpegs.calls if self._jpegs is not None else 0
 
     # Decode and preprocess ----------------------------------------------------------------------
 
@@ -155,11 +176,11 @@ class DevicePipeline:
             raw = decode.from_raw(image, self._limits)
             pixels = self._upload(raw.pixels)
             return pixels, raw.order, raw.original_width, raw.original_height
-        if self._decode_jpeg is not None and len(image) and decode.sniff_format(image) == "JPEG":
+        if self._jpegs is not None and len(image) and decode.sniff_format(image) == "JPEG":
             width, height = decode.image_size(image, "JPEG")
             decode.check_size(width, height, self._limits, "JPEG image")
             try:
-                chw = self._decode_jpeg(torch.frombuffer(bytearray(image), dtype=torch.uint8))
+                chw = self._jpegs.decode(torch.frombuffer(bytearray(image), dtype=torch.uint8))
             except RuntimeError as exc:
                 raise InvalidArgument(f"JPEG does not decode on the GPU: {exc}") from exc
             orientation = 1 if ignore_exif_orientation else decode.exif_orientation(image, "JPEG")
@@ -348,8 +369,9 @@ def _gpu_jpeg_decoder() -> Any:
         log.warning("torchvision's decode_jpeg is unavailable (%s)", exc)
         return None
 
-    def decode_on_gpu(data: Any) -> Any:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda")
+    def decode_on_gpu(data: list[torch.Tensor]) -> list[torch.Tensor]:
+        decoded: list[torch.Tensor] = decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda")
+        return decoded
 
     return decode_on_gpu
 

@@ -1,0 +1,179 @@
+"""Batched JPEG decode across concurrent requests (pipeline/jpeg_batch.py).
+
+The coalescing logic is tested directly with a gated decoder (events, no sleeps to wait out);
+then the device pipeline on "cpu" with a batched CPU decoder standing in for nvJPEG (which
+needs a GPU: tests/test_device_pipeline.py's CUDA tests and tools/gpu_check.sh cover it there).
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from segserve_server.pipeline.jpeg_batch import DecodeCoalescer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class GatedDecoder:
+    """Doubles its inputs; the first call waits for `release`; records every call's inputs."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.calls.append(list(items))
+        if len(self.calls) == 1:
+            self.entered.set()
+            assert self.release.wait(30)
+        if any(i < 0 for i in items):
+            raise ValueError(f"cannot decode {min(items)}")
+        return [2 * i for i in items]
+
+
+def wait_for_waiting(coalescer: DecodeCoalescer[int, int], count: int) -> None:
+    for _ in range(3000):
+        if coalescer.waiting == count:
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"{coalescer.waiting} waiting, expected {count}")
+
+
+def test_a_lone_image_is_decoded_at_once_in_a_call_of_its_own():
+    decoder = GatedDecoder()
+    decoder.release.set()
+    coalescer = DecodeCoalescer(decoder, max_batch=8)
+    assert coalescer.decode(21) == 42
+    assert decoder.calls == [[21]] and coalescer.calls == 1
+
+
+def test_images_arriving_during_a_decode_go_into_the_next_call_together():
+    decoder = GatedDecoder()
+    coalescer = DecodeCoalescer(decoder, max_batch=8)
+    with ThreadPoolExecutor(8) as pool:
+        first = pool.submit(coalescer.decode, 1)
+        assert decoder.entered.wait(10)
+        rest = [pool.submit(coalescer.decode, i) for i in range(10, 15)]
+        wait_for_waiting(coalescer, 5)
+        decoder.release.set()
+        assert first.result() == 2
+        assert [f.result() for f in rest] == [20, 22, 24, 26, 28]
+    assert decoder.calls[0] == [1]
+    assert sorted(decoder.calls[1]) == [10, 11, 12, 13, 14] and len(decoder.calls) == 2
+
+
+def test_no_call_exceeds_max_batch_and_every_image_gets_its_own_answer():
+    decoder = GatedDecoder()
+    coalescer = DecodeCoalescer(decoder, max_batch=3)
+    with ThreadPoolExecutor(10) as pool:
+        first = pool.submit(coalescer.decode, 0)
+        assert decoder.entered.wait(10)
+        rest = {i: pool.submit(coalescer.decode, i) for i in range(1, 8)}
+        wait_for_waiting(coalescer, 7)
+        decoder.release.set()
+        assert first.result() == 0
+        assert {i: f.result() for i, f in rest.items()} == {i: 2 * i for i in range(1, 8)}
+    assert all(len(call) <= 3 for call in decoder.calls)
+    assert sorted(i for call in decoder.calls[1:] for i in call) == list(range(1, 8))
+    assert len(decoder.calls) == 1 + 3  # 7 images in calls of 3, 3 and 1
+    assert coalescer.waiting == 0
+
+
+def test_a_corrupt_image_fails_alone_and_its_batch_mates_decode():
+    decoder = GatedDecoder()
+    coalescer = DecodeCoalescer(decoder, max_batch=8)
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(coalescer.decode, 5)
+        assert decoder.entered.wait(10)
+        good, bad, other = (pool.submit(coalescer.decode, i) for i in (6, -1, 7))
+        wait_for_waiting(coalescer, 3)
+        decoder.release.set()
+        assert (first.result(), good.result(), other.result()) == (10, 12, 14)
+        with pytest.raises(ValueError, match="cannot decode -1"):
+            bad.result()
+    batched = [call for call in decoder.calls if len(call) == 3]
+    assert len(batched) == 1 and sorted(batched[0]) == [-1, 6, 7]  # then each alone
+    assert sorted(call[0] for call in decoder.calls if len(call) == 1) == [-1, 5, 6, 7]
+
+
+def test_a_decoder_answering_the_wrong_count_is_retried_one_by_one():
+    calls: list[list[int]] = []
+
+    def short(items: list[int]) -> list[int]:
+        calls.append(items)
+        return [i + 1 for i in items][:1]
+
+    coalescer: DecodeCoalescer[int, int] = DecodeCoalescer(short, max_batch=4)
+    assert coalescer.decode(3) == 4
+    assert calls == [[3]]
+    with pytest.raises(ValueError, match="max_batch 0"):
+        DecodeCoalescer(short, max_batch=0)
+
+
+# The device pipeline with a batched decoder ---------------------------------------------------
+
+
+def test_the_device_pipeline_batches_concurrent_jpegs_and_answers_as_the_host_path(tmp_path):
+    torch = pytest.importorskip("torch", reason="the device pipeline needs torch")
+    from segserve_server.backends.device import DeviceBatchBackend
+    from segserve_server.backends.onnxruntime import OnnxRuntimeBackend
+    from segserve_server.model_repository import parse_config
+    from segserve_server.pipeline import decode
+    from segserve_server.pipeline.device import DevicePipeline
+    from tests.conftest import H, W, encode, make_settings, quadrant_image
+    from tests.harness.synthetic_models import write_entry
+
+    entry = write_entry(tmp_path, "m", H, W, output="logits")
+    config = parse_config((entry / "config.pbtxt").read_text(), entry)
+    backend = DeviceBatchBackend(
+        OnnxRuntimeBackend(config, entry / "1" / "model.onnx", make_settings(tmp_path)),
+        "cpu",
+        config,
+    )
+    limits = decode.ImageLimits(max_pixels=1 << 24, max_side=1 << 13)
+    gate, entered = threading.Event(), threading.Event()
+    sizes: list[int] = []
+
+    def cpu_batched(encoded: list[Any]) -> list[Any]:
+        sizes.append(len(encoded))
+        if len(sizes) == 1:
+            entered.set()
+            assert gate.wait(30)
+        decoded: list[np.ndarray] = []
+        for e in encoded:
+            bgr = cv2.imdecode(e.numpy(), cv2.IMREAD_COLOR)
+            assert bgr is not None
+            decoded.append(np.ascontiguousarray(bgr[:, :, ::-1]))
+        return [torch.from_numpy(d).permute(2, 0, 1) for d in decoded]
+
+    batched = DevicePipeline(
+        config, backend.tensors, backend.device, limits, jpeg_decoder=cpu_batched
+    )
+    plain = DevicePipeline(config, backend.tensors, backend.device, limits)
+    images = [encode(quadrant_image(H * k // 2, W * k // 2), ".jpg") for k in (2, 3, 4, 5)]
+
+    def answer(pipeline: DevicePipeline, data: bytes) -> np.ndarray:
+        prepared = pipeline.prepare(data)
+        out = backend.infer(prepared.handle[np.newaxis])
+        return pipeline.postprocess(out[0], prepared.width, prepared.height).labels
+
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(answer, batched, images[0])
+        assert entered.wait(10)
+        rest = [pool.submit(answer, batched, data) for data in images[1:]]
+        for _ in range(3000):
+            if batched._jpegs is not None and batched._jpegs.waiting == 3:
+                break
+            threading.Event().wait(0.01)
+        gate.set()
+        answers = [first.result(), *(f.result() for f in rest)]
+    assert sizes == [1, 3] and batched.jpeg_batches == 2
+    for data, labels in zip(images, answers, strict=True):
+        np.testing.assert_array_equal(labels, answer(plain, data))
