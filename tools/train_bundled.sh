@@ -16,6 +16,7 @@
 #
 #   mkdir -p runs && nohup nice -n 19 tools/train_bundled.sh > runs/train_bundled.log 2>&1 &
 #   tools/train_bundled.sh stage1      # only stage 1 (or: stage2)
+#   THREADS=1 tools/train_bundled.sh final-base unet   # see below
 #
 # Per-run output: runs/<run>/{run.json,last.pt,best.pt|final.pt,log.jsonl} and runs/<run>.log.
 # Measured on 2 idle AMD EPYC (Zen 4) cores, bf16 autocast, 2 threads, base recipe:
@@ -72,6 +73,28 @@ best() {  # best <run>...: the finished stage-1 run with the best val mIoU
 
 DL_EPOCHS=150   # the bundled deeplabv3plus schedule (cut at epoch 62 the first time)
 UNET_EPOCHS=60  # the first unet schedule was 45 epochs, cut at 38
+
+case "$STAGE" in
+    all|stage1|stage2|final-base) ;;
+    *) echo "unknown stage '$STAGE' (all, stage1, stage2, final-base MODEL)" >&2; exit 2 ;;
+esac
+
+# final-base MODEL: the final weights of one architecture with the base recipe and its fixed
+# epoch count, without stage 1's checkpoints.  This is how the bundled weights of 2026-12-02
+# were trained: stage 1's runs were lost with the machine that held them, after dl_base had
+# finished (best val mIoU 0.6618 at 150 epochs against 0.6207 for the earlier weights) and
+# before the other candidates had.  Two of these can run side by side, THREADS=1 each.
+if [ "$STAGE" = final-base ]; then
+    model=${2:-}
+    case "$model" in
+        deeplabv3plus) epochs=$DL_EPOCHS ;;
+        unet) epochs=$UNET_EPOCHS ;;
+        *) echo "final-base needs a model: deeplabv3plus or unet (got '$model')" >&2; exit 2 ;;
+    esac
+    train "final_$model" --model "$model" --epochs "$epochs" "${base[@]}" --train-splits train,val
+    echo "final weights: $RUNS/final_$model/final.pt"
+    exit 0
+fi
 
 if [ "$STAGE" = all ] || [ "$STAGE" = stage1 ]; then
     # deeplabv3plus first: the cheap one.
