@@ -177,3 +177,55 @@ def test_the_device_pipeline_batches_concurrent_jpegs_and_answers_as_the_host_pa
     assert sizes == [1, 3] and batched.jpeg_batches == 2
     for data, labels in zip(images, answers, strict=True):
         np.testing.assert_array_equal(labels, answer(plain, data))
+
+
+# On a GPU host (tools/gpu_check.sh) -----------------------------------------------------------
+
+
+def _nvjpeg() -> bool:
+    try:
+        import torch
+        from torchvision.io import decode_jpeg  # noqa: F401
+    except (ImportError, RuntimeError):
+        return False
+    return bool(torch.cuda.is_available())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _nvjpeg(), reason="needs CUDA and torchvision's nvJPEG decode_jpeg")
+def test_nvjpeg_decodes_a_gathered_batch_as_each_alone():
+    """torchvision's decode_jpeg on a list, through the coalescer, gives each image's own decode
+    (the same nvJPEG, one call against one each); JPEGs of several sizes in one call."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from tests.conftest import encode, quadrant_image
+
+    def nvjpeg(encoded: list[Any]) -> list[Any]:
+        out: list[Any] = decode_jpeg(encoded, mode=ImageReadMode.RGB, device="cuda")
+        return out
+
+    gate, entered = threading.Event(), threading.Event()
+    sizes: list[int] = []
+
+    def gated(encoded: list[Any]) -> list[Any]:
+        sizes.append(len(encoded))
+        if len(sizes) == 1:
+            entered.set()
+            assert gate.wait(30)
+        return nvjpeg(encoded)
+
+    coalescer: DecodeCoalescer[Any, Any] = DecodeCoalescer(gated, max_batch=8)
+    images = [encode(quadrant_image(90 * k, 120 * k), ".jpg") for k in (1, 2, 3, 4, 8)]
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in images]
+    with ThreadPoolExecutor(5) as pool:
+        first = pool.submit(coalescer.decode, tensors[0])
+        assert entered.wait(10)
+        rest = [pool.submit(coalescer.decode, t) for t in tensors[1:]]
+        wait_for_waiting(coalescer, 4)
+        gate.set()
+        decoded = [first.result(), *(f.result() for f in rest)]
+    assert sizes == [1, 4]
+    for tensor, got in zip(tensors, decoded, strict=True):
+        assert got.is_cuda
+        assert torch.equal(got, nvjpeg([tensor])[0])

@@ -99,3 +99,35 @@ def test_a_wrong_input_fails_the_batch_with_the_shapes(repository):
     np.testing.assert_array_equal(
         runner(torch.from_numpy(batch(1))).numpy(), backend.infer(batch(1))
     )
+
+
+# On a GPU host with onnxruntime-gpu (tools/gpu_check.sh) ----------------------------------------
+
+
+def _cuda_provider() -> bool:
+    import onnxruntime as ort
+
+    return torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_provider(), reason="needs CUDA and onnxruntime-gpu's CUDA provider")
+@pytest.mark.parametrize("name", MODELS)
+def test_cuda_binding_matches_the_cpu_session(repository, name):
+    """CUDA memory bound both ways: logits within float tolerance of the CPU session's; label
+    maps within the device pipeline's tolerance (0.5 % of pixels)."""
+    config = parse_config((repository / name / "config.pbtxt").read_text(), repository / name)
+    model = repository / name / "1" / "model.onnx"
+    settings = make_settings(repository, ort_providers=["CUDAExecutionProvider"])
+    on_gpu = OnnxRuntimeBackend(config, model, settings)
+    assert on_gpu.provider == "CUDAExecutionProvider"
+    device = DeviceBatchBackend(on_gpu, "cuda:0", config)
+    assert device.transfer == "iobinding"
+    _, on_cpu = load(repository, name)
+    inputs = batch(3, seed=7)
+    got = device.infer(inputs)  # raw inputs: copied up, run bound, copied back
+    expected = on_cpu.infer(inputs)
+    if expected.dtype == np.float32:
+        np.testing.assert_allclose(got, expected, atol=1e-3, rtol=1e-3)
+    else:
+        assert np.mean(got != expected) <= 0.005

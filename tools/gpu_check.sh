@@ -68,6 +68,7 @@ step "GPU tests"
 set +e
 timeout 300 "$PY" -m pytest -q -rs -p no:cacheprovider \
     tests/test_device_pipeline.py tests/test_tensorrt.py tests/test_gpu_metrics.py \
+    tests/test_ort_iobinding.py tests/test_jpeg_batch.py \
     2>&1 | tee "$OUT_DIR/gpu_tests.log"
 tests_status=${PIPESTATUS[0]}
 set -e
