@@ -290,8 +290,10 @@ def test_mismatched_classes_and_existing_entry_are_refused(
     assert (exported / "tiny" / "config.pbtxt").read_text() == before
 
 
-def test_training_checkpoint(tmp_path: Path, check_dir: Path):
-    """A `segserve train` checkpoint: classes, colours, normalisation, size, mIoU, licence."""
+@pytest.mark.parametrize("splits", [["train"], ["train", "val"]])
+def test_training_checkpoint(tmp_path: Path, check_dir: Path, splits: list[str]):
+    """A `segserve train` checkpoint: classes, colours, normalisation, size, mIoU, licence; a
+    final (train + val) checkpoint states that val was trained on instead of a val figure."""
     from segserve_server.training.models import build_model
 
     torch.manual_seed(0)
@@ -301,6 +303,7 @@ def test_training_checkpoint(tmp_path: Path, check_dir: Path):
         {
             "model": model.state_dict(),
             "epoch": 12,
+            "train_splits": splits,
             "val_miou": 0.4321,
             "arch": "deeplabv3plus",
             "num_classes": camvid.NUM_CLASSES,
@@ -332,6 +335,11 @@ def test_training_checkpoint(tmp_path: Path, check_dir: Path):
     assert (config.input_height, config.input_width) == (H, W)
     description = config.description
     assert description.startswith("DeepLabV3+")
-    assert "Val mIoU 0.4321" in description and "epoch 12 of 150" in description
+    if splits == ["train"]:
+        assert "Val mIoU 0.4321" in description and "epoch 12 of 150" in description
+    else:
+        assert "Val mIoU" not in description
+        assert "Trained on CamVid train + val for a fixed 150-epoch schedule" in description
+        assert "val is in its training data" in description
     assert "CC BY-NC 4.0" in description and "research use" in description
     assert "inherit" in description

@@ -108,7 +108,14 @@ def from_checkpoint(
         f"({len(names)} classes: {', '.join(names)}); input {height}x{width} (HxW), {order}"
         + (", ImageNet mean/std." if imagenet else ".")
     )
-    if miou is not None:
+    splits = [str(s) for s in meta.get("train_splits", ["train"])]
+    if "val" in splits:  # final weights (training/recipe.py): nothing was held out
+        text += (
+            f" Trained on {'CamVid ' if is_camvid else ''}{' + '.join(splits)} for a fixed"
+            f" {epochs or epoch}-epoch schedule, last epoch kept: val is in its training data,"
+            " so no val figure estimates accuracy on unseen frames."
+        )
+    elif miou is not None:
         at = f" after epoch {epoch}" + (f" of {epochs}" if epochs else "") if epoch else ""
         split = "CamVid val" if is_camvid else "validation"
         text += f" Val mIoU {float(miou):.4f} on {split}{at} (void ignored)."
