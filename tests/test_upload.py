@@ -205,6 +205,55 @@ async def test_byte_counts_must_match_the_declared_size(stub):
     assert "ended before its header" in (err.value.details() or "")
 
 
+async def test_uploads_in_flight_are_bounded_by_their_declared_bytes(repository):
+    """max_upload_bytes_in_flight: a stalled upload holds its declared size; one that would pass
+    the total is refused RESOURCE_EXHAUSTED at its header; when the first ends, room returns."""
+    data = encode(_upscaled_quadrants(2))
+    server = Server(make_settings(repository, max_upload_bytes_in_flight=3 * MIB))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.SegmentationStub(channel)
+            first = pb.SegmentUploadRequest(chunk=data[:100])
+            stalled = GatedUpload([_header("colour", 2 * MIB), first], rest=0)
+            held = stub.SegmentUpload(stalled.__aiter__(), timeout=WAIT_S)
+            for _ in range(600):  # until the server has read the stalled upload's header
+                if stalled.sent == 2:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
+            refused = stub.SegmentUpload(
+                iter([_header("colour", 2 * MIB), pb.SegmentUploadRequest(chunk=data)]),
+                timeout=WAIT_S,
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await refused
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "declared 2097152 bytes" in (err.value.details() or "")
+            assert "max_upload_bytes_in_flight 3145728" in (err.value.details() or "")
+            small = [_header("colour", len(data)), pb.SegmentUploadRequest(chunk=data)]
+            assert len(data) <= MIB
+            await stub.SegmentUpload(iter(small), timeout=WAIT_S)  # fits beside the stalled one
+            held.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await held
+            stalled.gate.set()
+            for _ in range(200):  # the cancelled upload's reservation is returned
+                try:
+                    big = [_header("colour", 2 * MIB + len(data))]
+                    call = stub.SegmentUpload(iter(big), timeout=WAIT_S)
+                    await call
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        assert "ended after 0 of the" in (exc.details() or "")
+                        break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the cancelled upload's bytes were never returned")
+    finally:
+        await server.stop()
+
+
 def test_upload_checks_its_input(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         Upload.of(b"")

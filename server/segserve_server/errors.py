@@ -29,6 +29,7 @@ __all__ = [
     "RateLimited",
     "SegserveError",
     "Unauthenticated",
+    "UploadsBusy",
     "bounded",
 ]
 
@@ -87,6 +88,12 @@ class ModelUnavailable(SegserveError):
 
 class QueueFull(SegserveError):
     """The model's batch queue is at its max_queue_size."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class UploadsBusy(SegserveError):
+    """The uploads running now have declared max_upload_bytes_in_flight between them: retry."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

@@ -166,7 +166,12 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(1024 * MIB, ge=1)
     """Largest encoded image a SegmentUpload (chunked upload, for images beyond
     max_receive_message_bytes) may declare; larger ones are refused INVALID_ARGUMENT before a
-    byte is kept. Each upload keeps its declared size in one buffer while it runs."""
+    byte is kept. An upload's buffer grows with what arrives, up to its declared size."""
+
+    max_upload_bytes_in_flight: int = Field(2048 * MIB, ge=1)
+    """Total the SegmentUploads running at once may declare: an upload whose header would take
+    the total past it is refused RESOURCE_EXHAUSTED (retry later) before a byte is kept, so
+    uploads never hold more memory than this between them."""
 
     worker_threads: int = Field(default_factory=available_cpus, ge=1)
     """Threads that decode, preprocess, postprocess and encode (they release the GIL); default:

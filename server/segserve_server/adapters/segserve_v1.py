@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -50,6 +51,9 @@ from segserve_server.errors import InvalidArgument, ModelNotFound
 from segserve_server.pipeline.decode import ChannelOrder, RawPixels
 from segserve_server.pipeline.encode import check_source_outputs
 from segserve_server.pipeline.postprocess import has_confidence
+
+if TYPE_CHECKING:  # imported when the first upload comes (upload_v1 imports this module)
+    from segserve_server.adapters.upload_v1 import UploadBudget
 
 __all__ = [
     "SegmentationServicer",
@@ -370,6 +374,7 @@ class SegmentationServicer:
             settings.stream_max_inflight_frames, settings.stream_max_unsent_answers, "frame"
         )
         self.draining: asyncio.Event | None = None  # set by the server at start
+        self._upload_budget: UploadBudget | None = None
 
     async def Segment(
         self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext
@@ -412,9 +417,11 @@ class SegmentationServicer:
         self, messages: AsyncIterator[pb.SegmentUploadRequest], context: grpc.aio.ServicerContext
     ) -> pb.SegmentResponse:
         """One image in chunks (adapters/upload_v1.py)."""
-        from segserve_server.adapters.upload_v1 import segment_upload
+        from segserve_server.adapters.upload_v1 import UploadBudget, segment_upload
 
-        return await segment_upload(self._core, messages, context)
+        if self._upload_budget is None:  # one per server, made on the loop that serves
+            self._upload_budget = UploadBudget(self._core.settings.max_upload_bytes_in_flight)
+        return await segment_upload(self._core, messages, context, self._upload_budget)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

@@ -10,9 +10,11 @@ call (`SegmentationCore.segment`), on a view of the upload's buffer.
 
 Memory budget of one upload (what docs/imaging.md states and tests/test_upload.py measures):
 
-- the encoded bytes, once: one buffer of exactly the declared size, allocated when the header
-  arrives and filled in place (chunks are copied in and dropped; gRPC holds about one message at
-  a time), never joined or copied again;
+- the encoded bytes, once: one buffer that grows as chunks arrive, never past the declared size
+  (chunks are copied in and dropped; gRPC holds about one message at a time), never joined or
+  copied again. Between them, the uploads running at once may declare at most
+  max_upload_bytes_in_flight: one that would pass it is refused RESOURCE_EXHAUSTED at its header
+  (`UploadBudget`);
 - one decoded copy: JPEGs decode at the smallest DCT scale (1/2, 1/4, 1/8) that still covers
   the model's input (jpeg_dct_scaling), so a 20000x20000 JPEG for a 64x48 model is a
   2500x2500 decode (18 MiB); 8-bit PNG, WebP and BMP at the same reduced scale
@@ -23,8 +25,9 @@ Memory budget of one upload (what docs/imaging.md states and tests/test_upload.p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
@@ -34,13 +37,14 @@ from segserve_server.adapters.segserve_v1 import to_segment_input, to_segment_re
 from segserve_server.auth import authorize_model
 from segserve_server.core.requests import SegmentInput
 from segserve_server.core.service import SegmentationCore
-from segserve_server.errors import InvalidArgument, ModelNotFound
+from segserve_server.errors import InvalidArgument, ModelNotFound, UploadsBusy
 from segserve_server.pipeline import decode
 from segserve_server.pipeline.encode import check_annotation_formats, check_encodings
 
 __all__ = [
     "HEADER_FORMATS",
     "MAX_HEADER_BYTES",
+    "UploadBudget",
     "UploadBuffer",
     "read_upload",
     "segment_upload",
@@ -166,21 +170,63 @@ def _options(header: pb.UploadHeader, core: SegmentationCore) -> SegmentInput:
     return options
 
 
+class UploadBudget:
+    """The bytes that the uploads running now have declared, against max_upload_bytes_in_flight.
+    One per server; used on its event loop only (no lock)."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.held_bytes = 0
+
+    @contextlib.contextmanager
+    def reservation(self) -> Iterator[_Reservation]:
+        """A reservation for one upload, returned however the upload ends."""
+        reservation = _Reservation(self)
+        try:
+            yield reservation
+        finally:
+            self.held_bytes -= reservation.bytes
+            reservation.bytes = 0
+
+
+class _Reservation:
+    def __init__(self, budget: UploadBudget) -> None:
+        self._budget = budget
+        self.bytes = 0
+
+    def take(self, total_bytes: int) -> None:
+        budget = self._budget
+        if budget.held_bytes + total_bytes > budget.limit_bytes:
+            raise UploadsBusy(
+                f"uploads running now have declared {budget.held_bytes} bytes; this one's "
+                f"{total_bytes} would pass max_upload_bytes_in_flight {budget.limit_bytes}: "
+                "retry later"
+            )
+        budget.held_bytes += total_bytes
+        self.bytes += total_bytes
+
+
 async def segment_upload(
     core: SegmentationCore,
     messages: AsyncIterator[pb.SegmentUploadRequest],
     context: grpc.aio.ServicerContext,
+    budget: UploadBudget,
 ) -> pb.SegmentResponse:
-    """SegmentUpload: reads the upload, then segments it as Segment does."""
-    request = await read_upload(core, messages)
-    output = await core.segment(request, deadline_of(context))
-    return to_segment_response(output)
+    """SegmentUpload: reads the upload, then segments it as Segment does; its declared size is
+    held in `budget` until the answer is built."""
+    with budget.reservation() as reservation:
+        request = await read_upload(core, messages, reservation)
+        output = await core.segment(request, deadline_of(context))
+        return to_segment_response(output)
 
 
 async def read_upload(
-    core: SegmentationCore, messages: AsyncIterator[pb.SegmentUploadRequest]
+    core: SegmentationCore,
+    messages: AsyncIterator[pb.SegmentUploadRequest],
+    reservation: _Reservation | None = None,
 ) -> SegmentInput:
-    """Reads one upload (see the module) and returns its request, the image a view of its buffer."""
+    """Reads one upload (see the module) and returns its request, the image a view of its
+    buffer; its declared size is taken from `reservation` before any chunk is kept."""
     settings = core.settings
     limits = decode.ImageLimits(settings.max_image_pixels, settings.max_image_side)
     buffer: UploadBuffer | None = None
@@ -194,6 +240,8 @@ async def read_upload(
                 )
             options = _options(message.header, core)
             buffer = UploadBuffer(message.header.total_bytes, settings.max_upload_bytes, limits)
+            if reservation is not None:
+                reservation.take(buffer.total_bytes)
         elif part == "chunk":
             buffer.add(message.chunk)
         else:
