@@ -31,7 +31,6 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import cv2
 import numpy as np
@@ -136,9 +135,9 @@ class DevicePipeline:
         self._shift = (-mean / std).view(1, 3, 1, 1).to(device)
         self._classes = len(config.classes)
         self._index_cache: dict[tuple[int, int], torch.Tensor] = {}
-        self._decode_jpeg = _gpu_jpeg_decoder() if gpu_decode is not False else None
-        if device.type != "cuda":
-            self._decode_jpeg = None
+        self._decode_jpeg = (
+            _gpu_jpeg_decoder(device) if gpu_decode is not False and device.type == "cuda" else None
+        )
         if gpu_decode and self._decode_jpeg is None:
             log.warning("model %s: no GPU JPEG decoder; decoding on the CPU", config.name)
         if jpeg_decoder is not None:  # the tests' stand-in for nvJPEG on "cpu"
@@ -181,6 +180,8 @@ class DevicePipeline:
             decode.check_size(width, height, self._limits, "JPEG image")
             try:
                 chw = self._jpegs.decode(torch.frombuffer(bytearray(image), dtype=torch.uint8))
+            except torch.cuda.OutOfMemoryError as exc:  # the device's state, not the image's
+                raise InferenceFailed(f"GPU out of memory decoding a JPEG: {exc}") from exc
             except RuntimeError as exc:
                 raise InvalidArgument(f"JPEG does not decode on the GPU: {exc}") from exc
             orientation = 1 if ignore_exif_orientation else decode.exif_orientation(image, "JPEG")
@@ -359,8 +360,8 @@ class DevicePipeline:
 _TORCH_INPUT = {"uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32}
 
 
-def _gpu_jpeg_decoder() -> Any:
-    """torchvision's nvJPEG decode on the current CUDA device, or None where unavailable."""
+def _gpu_jpeg_decoder(device: torch.device) -> JpegDecoder | None:
+    """torchvision's nvJPEG decode on `device`, or None where unavailable."""
     if not torch.cuda.is_available():
         return None
     try:
@@ -370,7 +371,7 @@ def _gpu_jpeg_decoder() -> Any:
         return None
 
     def decode_on_gpu(data: list[torch.Tensor]) -> list[torch.Tensor]:
-        decoded: list[torch.Tensor] = decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda")
+        decoded: list[torch.Tensor] = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
         return decoded
 
     return decode_on_gpu
