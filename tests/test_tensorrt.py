@@ -2,7 +2,8 @@
 CUDA / TensorRT execution providers.
 
 On a machine without CUDA the parts that need none run: the config.pbtxt written for Triton's
-tensorrt_plan platform, version numbering, the atomic install, the refusal to build (nothing
+tensorrt_plan platform, version numbering, the choice of the version to build from (the latest
+unquantized one; a quantized QDQ version named is refused), the atomic install, the refusal to build (nothing
 written), a plan model failing to load with the reason, the optimisation profile, and the
 provider choice. The engine build and serving it skip with the reason; tools/gpu_check.sh runs
 them on a GPU host.
@@ -19,7 +20,9 @@ from pathlib import Path
 import cv2
 import grpc
 import numpy as np
+import onnx
 import pytest
+from onnx import helper, numpy_helper
 
 from segserve.v1 import segserve_pb2 as pb
 from segserve.v1 import segserve_pb2_grpc as pb_grpc
@@ -28,13 +31,19 @@ from segserve_server.backends.onnxruntime import choose_providers, provider_opti
 from segserve_server.model_repository import parse_config, scan_repository
 from segserve_server.server import Server
 from segserve_server.training.engine import (
+    QUANTIZATION_REPORT,
     EngineError,
     EngineOptions,
+    main,
     next_version,
     plan_config_text,
+    quantization_reason,
+    source_entry,
+    source_version,
     write_engine_version,
 )
-from tests.conftest import H, W, encode, make_settings, quadrant_image
+from segserve_server.training.quantize import REPORT_FILE
+from tests.conftest import ROOT, H, W, encode, make_settings, quadrant_image
 from tests.harness.synthetic_models import expected_colour_labels, write_entry
 
 ACCELERATED = (
@@ -96,6 +105,77 @@ def test_versions_are_numbered_after_the_highest(entry_dir):
     assert next_version(entry, 7) == 7
     with pytest.raises(EngineError, match="version 2 of model 'colour' exists"):
         next_version(entry, 2)
+
+
+def with_qdq_input(model_path: Path) -> None:
+    """Rewrites the model with a QuantizeLinear / DequantizeLinear pair on its input, UINT8 with a
+    non-zero zero point: what ONNX Runtime's static quantization writes (segserve quantize)."""
+    model = onnx.load(model_path)
+    graph = model.graph
+    name = graph.input[0].name
+    for node in graph.node:
+        node.input[:] = [f"{name}_dq" if i == name else i for i in node.input]
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(1 / 255, np.float32), "qdq_scale"),
+        numpy_helper.from_array(np.array(128, np.uint8), "qdq_zero"),
+    ])  # fmt: skip
+    quantize = helper.make_node("QuantizeLinear", [name, "qdq_scale", "qdq_zero"], ["q"])
+    dequantize = helper.make_node(
+        "DequantizeLinear", ["q", "qdq_scale", "qdq_zero"], [f"{name}_dq"]
+    )
+    graph.node.insert(0, quantize)
+    graph.node.insert(1, dequantize)
+    onnx.checker.check_model(model)
+    onnx.save(model, model_path)
+
+
+def test_the_engine_is_built_from_the_latest_unquantized_version(entry_dir):
+    assert QUANTIZATION_REPORT == REPORT_FILE  # the file segserve quantize writes
+    entry = entry_of(entry_dir)
+    assert source_version(entry, entry.config, None) == 2
+    assert source_version(entry, entry.config, 1) == 1
+    (entry_dir / "2" / QUANTIZATION_REPORT).write_text("{}")
+    assert "quantization.json" in str(quantization_reason(entry_dir / "2", "model.onnx"))
+    assert source_version(entry, entry.config, None) == 1
+    (entry_dir / "2" / QUANTIZATION_REPORT).unlink()
+    with_qdq_input(entry_dir / "2" / "model.onnx")  # no report: the graph tells
+    assert quantization_reason(entry_dir / "2", "model.onnx") == (
+        "its graph has 2 QuantizeLinear/DequantizeLinear nodes"
+    )
+    assert quantization_reason(entry_dir / "1", "model.onnx") is None
+    assert source_version(entry, entry.config, None) == 1
+
+
+def test_a_quantized_or_missing_source_version_is_refused(entry_dir):
+    entry = entry_of(entry_dir)
+    with_qdq_input(entry_dir / "2" / "model.onnx")
+    with pytest.raises(EngineError, match="version 2 of model 'colour' is a quantized") as info:
+        source_version(entry, entry.config, 2)
+    assert "symmetric INT8" in str(info.value) and "--precision int8" in str(info.value)
+    with pytest.raises(EngineError, match="has no version 9"):
+        source_version(entry, entry.config, 9)
+    (entry_dir / "1" / QUANTIZATION_REPORT).write_text("{}")
+    with pytest.raises(EngineError, match="no unquantized version to build from"):
+        source_version(entry, entry.config, None)
+
+
+def test_build_engine_refuses_a_qdq_version_before_tensorrt_and_writes_nothing(entry_dir, capsys):
+    """The refusal comes before TensorRT or a GPU is asked for: the same here and on a GPU."""
+    with_qdq_input(entry_dir / "2" / "model.onnx")
+    before = sorted(str(p.relative_to(entry_dir)) for p in entry_dir.rglob("*"))
+    argv = ["colour", "--model-repository", str(entry_dir.parent), "--from-version", "2"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "quantized (QDQ)" in error and "gpu extra" not in error, error
+    assert sorted(str(p.relative_to(entry_dir)) for p in entry_dir.rglob("*")) == before
+
+
+@pytest.mark.parametrize("model", ["deeplabv3plus_camvid", "unet_camvid"])
+def test_the_bundled_models_build_from_their_fp32_version(model):
+    """Their version 2 is segserve quantize's UINT8 QDQ model, which TensorRT's parser refuses."""
+    entry, config = source_entry(ROOT / "model_repository", model)
+    assert max(entry.versions) == 2 and quantization_reason(entry.versions[2], "model.onnx")
+    assert source_version(entry, config, None) == 1
 
 
 async def test_an_engine_version_installs_whole_and_the_server_names_what_it_needs(entry_dir):

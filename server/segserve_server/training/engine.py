@@ -12,6 +12,12 @@ optimisation profile: batch 1 to max_batch_size, tuned for the largest preferred
 The timing cache (`--timing-cache`, default ~/.cache/segserve/tensorrt-timing.cache) is read
 before and written after the build, so rebuilds on the same GPU take seconds.
 
+The source is the latest unquantized version (no quantization.json, no QuantizeLinear or
+DequantizeLinear nodes), or `--from-version`, which may not name a quantized one: `segserve
+quantize` writes UINT8 (asymmetric) QDQ, which TensorRT's ONNX parser refuses (symmetric INT8
+only), and an "FP16" engine of it would not be FP16. For INT8, build the FP32 version with
+`--precision int8 --calibration FOLDER`.
+
 It writes version V (default: the highest + 1) as `<model>/<V>/model.plan` with
 `<V>/build.json` (what was built, how long it took) and `<V>/source_config.pbtxt` (config.pbtxt
 as it was: copy it back to return to the ONNX versions), then rewrites config.pbtxt for the
@@ -21,9 +27,9 @@ accelerators, `segserve.pipeline: "device"`; the inputs, outputs, batching and c
 unchanged, so Triton serves the folder as it is. The version is written under a hidden name,
 loaded by segserve's TensorRT backend (warm-up) and only then renamed into place.
 
-Needs the gpu extra (tensorrt 10.x, torch with CUDA) and a GPU: TensorRT 11 removed the FP16 and
-INT8 builder flags (weakly typed networks) this uses. An engine runs only on the TensorRT version
-and GPU model it was built with. Untested on hardware in CI (no GPU there): docs/gpu.md.
+Needs the gpu extra (tensorrt 10.x, torch with CUDA, onnx) and a GPU: TensorRT 11 removed the
+FP16 and INT8 builder flags (weakly typed networks) this uses. An engine runs only on the
+TensorRT version and GPU model it was built with. Untested on hardware in CI (no GPU there): docs/gpu.md.
 """
 
 from __future__ import annotations
@@ -63,13 +69,17 @@ __all__ = [
     "main",
     "next_version",
     "plan_config_text",
+    "quantization_reason",
     "source_entry",
+    "source_version",
     "write_engine_version",
 ]
 
 PLAN_FILE = "model.plan"
 PRECISIONS = ("fp16", "fp32", "int8")
 DEFAULT_TIMING_CACHE = Path.home() / ".cache" / "segserve" / "tensorrt-timing.cache"
+QUANTIZATION_REPORT = "quantization.json"  # what `segserve quantize` writes (quantize.REPORT_FILE)
+_QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 
 class EngineError(Exception):
@@ -96,6 +106,70 @@ def source_entry(repository: Path, model: str) -> tuple[RepositoryEntry, ModelCo
             f"model {model!r} is a {config.platform!r} model; build-engine takes ONNX"
         )
     return entry, config
+
+
+def _qdq_nodes(path: Path) -> int:
+    """QuantizeLinear / DequantizeLinear nodes in the graph, subgraphs and functions included."""
+    try:
+        import onnx
+    except ImportError as exc:
+        raise EngineError(
+            f"build-engine reads the ONNX graph with onnx ({exc}): pip install 'segserve[gpu]'"
+        ) from exc
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # a truncated or foreign file: say which
+        raise EngineError(f"cannot read {path} as ONNX: {exc}") from exc
+    graphs = [model.graph]
+    count = sum(node.op_type in _QDQ_OPS for f in model.functions for node in f.node)
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            count += node.op_type in _QDQ_OPS
+            for attribute in node.attribute:
+                graphs.extend(attribute.graphs)
+                if attribute.HasField("g"):
+                    graphs.append(attribute.g)
+    return count
+
+
+def quantization_reason(folder: Path, model_filename: str) -> str | None:
+    """Why the version in `folder` is quantized (its quantization.json, Q/DQ nodes), or None."""
+    if (folder / QUANTIZATION_REPORT).is_file():
+        return f"{folder.name}/{QUANTIZATION_REPORT} says it is quantized"
+    path = folder / model_filename
+    if not path.is_file():
+        raise EngineError(f"version {folder.name} has no {model_filename}")
+    nodes = _qdq_nodes(path)
+    return f"its graph has {nodes} QuantizeLinear/DequantizeLinear nodes" if nodes else None
+
+
+def source_version(entry: RepositoryEntry, config: ModelConfig, requested: int | None) -> int:
+    """`requested`, or the latest unquantized version; EngineError for a quantized `requested`
+    (TensorRT's parser: "Non-zero zero point is not supported") or if all are quantized."""
+    if requested is not None:
+        if requested not in entry.versions:
+            raise EngineError(f"model {entry.name!r} has no version {requested}")
+        reason = quantization_reason(entry.versions[requested], config.model_filename)
+        if reason is not None:
+            raise EngineError(
+                f"version {requested} of model {entry.name!r} is a quantized (QDQ) model: "
+                f"{reason}. TensorRT needs symmetric INT8 QDQ (zero point 0), and segserve "
+                "quantize writes UINT8 activations with non-zero zero points; build the FP32 "
+                "version instead (--from-version of an unquantized one), with --precision int8 "
+                "--calibration FOLDER for an INT8 engine"
+            )
+        return requested
+    skipped = []
+    for version in sorted(entry.versions, reverse=True):
+        reason = quantization_reason(entry.versions[version], config.model_filename)
+        if reason is None:
+            return version
+        skipped.append(f"{version} ({reason})")
+    raise EngineError(
+        f"model {entry.name!r} has no unquantized version to build from: "
+        f"{'; '.join(skipped) or 'no versions'}; TensorRT needs the FP32 model"
+    )
 
 
 def next_version(entry: RepositoryEntry, requested: int | None = None) -> int:
@@ -302,7 +376,9 @@ def build_parser(prog: str = "segserve build-engine") -> argparse.ArgumentParser
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="the model's folder name in the repository")
     p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
-    p.add_argument("--from-version", type=int, help="the ONNX version to build (default: latest)")
+    p.add_argument(
+        "--from-version", type=int, help="the ONNX version to build (default: latest unquantized)"
+    )
     p.add_argument("--version", type=int, help="the version to write (default: highest + 1)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp16")
     p.add_argument("--calibration", type=Path, help="image folder for --precision int8")
@@ -329,9 +405,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "segserve build-engine")
     )
     try:
         entry, config = source_entry(args.model_repository, args.model)
-        source = args.from_version or max(entry.versions)
-        if source not in entry.versions:
-            raise EngineError(f"model {args.model!r} has no version {source}")
+        source = source_version(entry, config, args.from_version)
         onnx_path = entry.versions[source] / config.model_filename
         version = next_version(entry, args.version)
         plan, info = build_serialized_engine(onnx_path, config, options)
