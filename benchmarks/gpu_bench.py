@@ -5,33 +5,49 @@
              installed: measured side by side, to choose), preprocess (resize + normalise), and
              postprocess (argmax/validation, nearest resize back to 1080p, classes present, the
              uint8 map to pinned host memory); target: decode + preprocess + postprocess <= 2 ms
-  engine     the FP16 TensorRT engine `segserve build-engine` writes for --model (work copy)
-  tensorrt   that engine's own throughput at --batch (polygraphy's TrtRunner on device tensors)
+  engine     the FP16 TensorRT engine `segserve build-engine` writes for --model (work copy),
+             from the version build-engine chooses: the latest unquantized (FP32) one
+  tensorrt   that engine's own throughput at --batch (polygraphy's TrtRunner on device tensors;
+             where polygraphy fails to import or run, e.g. no libcudart beside pip's CUDA wheels,
+             segserve's own TensorRT binding, and the table says so)
   segserve   end to end over gRPC: `segserve serve` with the engine on the device pipeline, and
-             the same ONNX model on the CPU host path, loaded by `segserve-client bench` (closed
-             loop, 1080p JPEG frames); target: segserve >= 0.9 x the engine's own throughput
+             on the CPU host path the same FP32 ONNX version the engine was built from (pinned
+             by version_policy in the <model>_cpu copy), loaded by `segserve-client bench`
+             (closed loop, 1080p JPEG frames); target: segserve >= 0.9 x the engine's own
+             throughput
 
     python benchmarks/gpu_bench.py [--model deeplabv3plus_camvid] [--device cuda:0] [--batch 8]
         [--frames 32] [--duration-s 10] [--concurrency 16,64] [--stages pipeline,engine,...]
         [--work DIR] [--out results.json]
 
+`--stages pipeline` runs the pipeline stage alone (torch and torchvision, no TensorRT); with
+`--device cpu` it runs on the CPU (the same torch code; tests/test_device_pipeline.py runs it
+so). A stage that fails (engine build, polygraphy, segserve end to end, any exception) becomes a
+note row naming the error, and the stages after it that do not need it still run; the JSON
+(`--out`) is rewritten after each stage, and the table and JSON are written however the run
+ends (SIGTERM from tools/gpu_check.sh's timeout included; SIGKILL keeps the last JSON).
+
 The frames are made here (smooth colour fields with noise, JPEG quality 90): nothing from a data
-set travels to a bare GPU machine. `--device cpu --stages pipeline` runs the pipeline stage on
-the CPU (the same torch code; tests/test_device_pipeline.py runs it so). Nothing here has run
-on a GPU in this repository's CI: its numbers come from tools/gpu_check.sh runs only.
+set travels to a bare GPU machine. Nothing here has run on a GPU in this repository's CI: its
+numbers come from tools/gpu_check.sh runs only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +58,18 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("pipeline", "engine", "tensorrt", "segserve")
 PIPELINE_TARGET_MS = 2.0
 E2E_TARGET_RATIO = 0.9
+
+
+class StageError(Exception):
+    """A stage could not measure; the message says why (it becomes a note row)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (a timeout): stop the stages, then print and write what was measured."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated(f"signal {signum}")
 
 
 def make_frames(folder: Path, count: int, width: int = 1920, height: int = 1080) -> list[Path]:
@@ -158,16 +186,18 @@ def _nvimgcodec_ms(frames: list[bytes], device: Any, rounds: int) -> float | Non
     return _median_ms(samples)
 
 
-def build_engine(repository: Path, model: str, device: str, timing_cache: Path) -> dict[str, Any]:
+def build_engine(
+    repository: Path, model: str, source: int, device: str, timing_cache: Path
+) -> dict[str, Any]:
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "segserve_server.cli", "build-engine", model,
-         "--model-repository", str(repository), "--device", device,
-         "--timing-cache", str(timing_cache)],
-        capture_output=True, text=True, timeout=900,
+         "--model-repository", str(repository), "--from-version", str(source),
+         "--device", device, "--timing-cache", str(timing_cache)],
+        capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     if done.returncode != 0:
-        raise SystemExit(f"build-engine failed:\n{done.stderr[-4000:]}")
+        raise StageError(f"build-engine exit {done.returncode}: {done.stderr.strip()[-600:]}")
     (plan,) = sorted((repository / model).glob("*/model.plan"))
     info = json.loads((plan.parent / "build.json").read_text())
     return {**info, "plan": str(plan), "wall_s": round(time.monotonic() - started, 1)}
@@ -175,7 +205,8 @@ def build_engine(repository: Path, model: str, device: str, timing_cache: Path) 
 
 def tensorrt_throughput(plan: Path, config_dir: Path, batch: int, seconds: float) -> dict[str, Any]:
     """The engine alone at `batch`, inputs and outputs on the GPU: polygraphy's TrtRunner, else
-    segserve's own TensorRT binding (then said so)."""
+    (any exception: not installed, libcudart not found, ...) segserve's own TensorRT binding,
+    and `fallback` says why."""
     import torch
 
     from segserve_server.model_repository import parse_config
@@ -183,6 +214,7 @@ def tensorrt_throughput(plan: Path, config_dir: Path, batch: int, seconds: float
     config = parse_config((config_dir / "config.pbtxt").read_text(), config_dir)
     shape = (batch, 3, config.input_height, config.input_width)
     inputs = torch.zeros(shape, dtype=torch.float32, device="cuda")
+    result: dict[str, Any] = {"batch": batch}
     try:
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
@@ -191,19 +223,25 @@ def tensorrt_throughput(plan: Path, config_dir: Path, batch: int, seconds: float
             def step() -> None:
                 runner.infer({config.input_name: inputs}, copy_outputs_to_host=False)
 
-            tool = "polygraphy TrtRunner"
             runs, elapsed = _loop(step, seconds)
-    except ImportError:
+        result["tool"] = "polygraphy TrtRunner"
+    except Exception as exc:  # ImportError, OSError (libcudart), polygraphy's own errors
         from segserve_server.backends.tensorrt import TensorRTBackend
 
+        result["fallback"] = f"polygraphy failed ({_why(exc)}): segserve TensorRTBackend instead"
         backend = TensorRTBackend(config, plan)
+        try:
+            runs, elapsed = _loop(lambda: backend.infer_device(inputs), seconds)
+        finally:
+            backend.close()
+        result["tool"] = "segserve TensorRTBackend"
+    result["images_per_s"] = round(runs * batch / elapsed, 1)
+    return result
 
-        def step() -> None:
-            backend.infer_device(inputs)
 
-        tool = "segserve TensorRTBackend (polygraphy missing)"
-        runs, elapsed = _loop(step, seconds)
-    return {"tool": tool, "batch": batch, "images_per_s": round(runs * batch / elapsed, 1)}
+def _why(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
 def _loop(step: Any, seconds: float) -> tuple[int, float]:
@@ -221,33 +259,39 @@ def _loop(step: Any, seconds: float) -> tuple[int, float]:
 
 
 def _serve(repository: Path) -> tuple[subprocess.Popen[str], int]:
+    """`segserve serve` on a free port; its log is drained by a thread (a full pipe would stall
+    it), the last lines kept for the error."""
     process = subprocess.Popen(
         [sys.executable, "-m", "segserve_server.cli", "serve", "--model-repository",
          str(repository), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert process.stderr is not None
-    deadline = time.monotonic() + 300
+    last: deque[str] = deque(maxlen=8)
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = process.stderr.readline()
+        last.append(line.strip())
         if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+            drain = threading.Thread(target=deque, args=(process.stderr, 0), daemon=True)
+            drain.start()
             return process, int(match.group(1))
         if not line and process.poll() is not None:
             break
     process.kill()
-    raise SystemExit("segserve serve did not start")
+    raise StageError(f"segserve serve did not start (exit {process.poll()}): {' | '.join(last)}")
 
 
 def bench_model(port: int, model: str, frames: Path, args: argparse.Namespace) -> dict[str, Any]:
     done = subprocess.run(
-        [str(Path(sys.executable).with_name("segserve-client")), "bench", "--server",
+        [sys.executable, "-m", "segserve_client.cli", "bench", "--server",
          f"127.0.0.1:{port}", "--model", model, "--images", str(frames), "--size", "original",
          "--concurrency", args.concurrency, "--duration-s", str(args.duration_s),
          "--warmup-s", "3", "--json"],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=60 + 2 * args.duration_s * len(points_of(args)),
     )  # fmt: skip
     if done.returncode != 0:
-        raise SystemExit(f"bench of {model} failed:\n{done.stderr[-4000:]}")
+        raise StageError(f"bench of {model} exit {done.returncode}: {done.stderr.strip()[-600:]}")
     points = json.loads(done.stdout)["points"]
     best = max(points, key=lambda p: p["throughput_rps"])
     return {
@@ -258,11 +302,23 @@ def bench_model(port: int, model: str, frames: Path, args: argparse.Namespace) -
     }
 
 
-def work_repository(source: Path, model: str, work: Path) -> Path:
-    """A copy of the model for the engine, and one named <model>_cpu for the CPU host path."""
+def points_of(args: argparse.Namespace) -> list[str]:
+    return [c for c in args.concurrency.split(",") if c]
+
+
+def work_repository(source: Path, model: str, work: Path) -> dict[str, Any]:
+    """A copy of the model for the engine, and one named <model>_cpu for the CPU host path that
+    serves only the version build-engine builds from (the latest unquantized one)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
+    from segserve_server.training.engine import EngineError, source_entry, source_version
+
+    try:
+        entry, config = source_entry(source, model)
+        version = source_version(entry, config, None)
+    except EngineError as exc:
+        raise StageError(str(exc)) from exc
     repository = work / "repository"
     shutil.rmtree(repository, ignore_errors=True)
     shutil.copytree(source / model, repository / model)
@@ -270,8 +326,10 @@ def work_repository(source: Path, model: str, work: Path) -> Path:
     shutil.copytree(source / model, cpu)
     raw = text_format.Parse((cpu / "config.pbtxt").read_text(), mc.ModelConfig())
     raw.name = cpu.name
+    raw.version_policy.Clear()
+    raw.version_policy.specific.versions.append(version)
     (cpu / "config.pbtxt").write_text(text_format.MessageToString(raw))
-    return repository
+    return {"repository": str(repository), "source_version": version}
 
 
 def table(results: dict[str, Any]) -> str:
@@ -290,23 +348,35 @@ def table(results: dict[str, Any]) -> str:
              f"<= {PIPELINE_TARGET_MS} ms at 1920x1080: {verdict}"),
         ]  # fmt: skip
     if engine := results.get("engine"):
-        rows.append(("engine build", f"{engine['build_s']} s", f"TensorRT {engine['tensorrt']}"))
+        note = f"{engine['precision']} of v{engine.get('source_version')}"
+        rows.append(
+            ("engine build", f"{engine['build_s']} s", f"{note}, TensorRT {engine['tensorrt']}")
+        )
     trt = results.get("tensorrt")
     if trt:
         rows.append(
             (f"TensorRT alone, batch {trt['batch']}", f"{trt['images_per_s']}/s", trt["tool"])
         )
-    for name in ("segserve_gpu", "segserve_cpu"):
+        if "fallback" in trt:
+            rows.append(("TensorRT alone: tool", trt["fallback"], ""))
+    version = results.get("work", {}).get("source_version", "?")
+    labels = {
+        "segserve_gpu": f"segserve GPU end to end (engine of v{version})",
+        "segserve_cpu": f"segserve CPU end to end (v{version} ONNX, host path)",
+    }
+    for name, label in labels.items():
         if point := results.get(name):
             note = f"p50 {point['p50_ms']} ms at concurrency {point['concurrency']}"
-            rows.append(
-                (name.replace("_", " ") + " end to end", f"{point['images_per_s']}/s", note)
-            )
-    if trt and (gpu := results.get("segserve_gpu")):
+            rows.append((label, f"{point['images_per_s']}/s", note))
+    if trt and trt["images_per_s"] and (gpu := results.get("segserve_gpu")):
         ratio = gpu["images_per_s"] / trt["images_per_s"]
         verdict = "ok" if ratio >= E2E_TARGET_RATIO else "MISSED"
         rows.append(("segserve / TensorRT", f"{ratio:.2f}", f">= {E2E_TARGET_RATIO}: {verdict}"))
-    if (gpu := results.get("segserve_gpu")) and (cpu := results.get("segserve_cpu")):
+    if (
+        (gpu := results.get("segserve_gpu"))
+        and (cpu := results.get("segserve_cpu"))
+        and cpu["images_per_s"]
+    ):
         rows.append(("GPU / CPU path", f"{gpu['images_per_s'] / cpu['images_per_s']:.1f}x", ""))
     for name, text in results.get("notes", {}).items():
         rows.append((name, text, ""))
@@ -327,9 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--duration-s", type=float, default=10.0)
     p.add_argument("--concurrency", default="16,64")
-    p.add_argument("--stages", default=",".join(STAGES))
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {STAGES}")
     p.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
-    p.add_argument("--out", type=Path, help="write the results as JSON")
+    p.add_argument("--out", type=Path, help="write the results as JSON (after each stage)")
     p.add_argument(
         "--note", action="append", default=[], help="NAME=TEXT: a row of its own in the table"
     )
@@ -338,35 +408,80 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(stages) - set(STAGES)
     if unknown:
         p.error(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
-    work = args.work or Path(tempfile.mkdtemp(prefix="segserve-gpu-bench-"))
-    frames_dir = work / "frames"
-    width, _, height = args.frame_size.partition("x")
-    frames = make_frames(frames_dir, args.frames, int(width), int(height))
     results: dict[str, Any] = {"notes": dict(n.partition("=")[::2] for n in args.note)}
-    if "pipeline" in stages:
-        data = [path.read_bytes() for path in frames]
-        results["pipeline"] = measure_pipeline(
-            args.model_repository, args.model, args.device, data, args.batch, args.rounds
-        )
-    if {"engine", "tensorrt", "segserve"} & set(stages):
-        repository = work_repository(args.model_repository, args.model, work)
-        results["engine"] = build_engine(repository, args.model, args.device, work / "timing.cache")
-    if "tensorrt" in stages:
-        plan = Path(results["engine"]["plan"])
-        results["tensorrt"] = tensorrt_throughput(
-            plan, repository / args.model, args.batch, args.duration_s
-        )
-    if "segserve" in stages:
-        process, port = _serve(repository)
+    notes: dict[str, str] = results["notes"]
+    running = "frames"
+
+    def save() -> None:
+        if args.out:
+            temporary = args.out.with_name(f".{args.out.name}.tmp")
+            temporary.write_text(json.dumps(results, indent=2) + "\n")
+            os.replace(temporary, args.out)
+
+    def stage(name: str, measure: Callable[[], Any]) -> Any:
+        """measure() into results[name]; an exception becomes notes[name] (and None)."""
+        nonlocal running
+        running = name
         try:
-            results["segserve_gpu"] = bench_model(port, args.model, frames_dir, args)
-            results["segserve_cpu"] = bench_model(port, f"{args.model}_cpu", frames_dir, args)
+            results[name] = measure()
+            return results[name]
+        except Exception as exc:
+            notes[name] = f"FAILED: {_why(exc)}"
+            return None
         finally:
-            process.terminate()
-            process.wait(timeout=60)
-    print(table(results), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+            save()
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    server: subprocess.Popen[str] | None = None
+    try:
+        work = args.work or Path(tempfile.mkdtemp(prefix="segserve-gpu-bench-"))
+        frames_dir = work / "frames"
+        width, _, height = args.frame_size.partition("x")
+        frames = make_frames(frames_dir, args.frames, int(width), int(height))
+        if "pipeline" in stages:
+            data = [path.read_bytes() for path in frames]
+            stage("pipeline", lambda: measure_pipeline(
+                args.model_repository, args.model, args.device, data, args.batch, args.rounds
+            ))  # fmt: skip
+        copy = engine = None
+        if {"engine", "tensorrt", "segserve"} & set(stages):
+            copy = stage("work", lambda: work_repository(args.model_repository, args.model, work))
+        if copy:
+            repository = Path(copy["repository"])
+            engine = stage("engine", lambda: build_engine(
+                repository, args.model, copy["source_version"], args.device, work / "timing.cache"
+            ))  # fmt: skip
+        if "tensorrt" in stages and not engine:
+            notes["tensorrt"] = "not run: no engine"
+        elif "tensorrt" in stages:
+            stage("tensorrt", lambda: tensorrt_throughput(
+                Path(engine["plan"]), repository / args.model, args.batch, args.duration_s
+            ))  # fmt: skip
+        if "segserve" in stages and copy:
+            running = "segserve"
+            server, port = _serve(repository)
+            if engine:
+                stage("segserve_gpu", lambda: bench_model(port, args.model, frames_dir, args))
+            else:
+                notes["segserve_gpu"] = "not run: no engine"
+            cpu_model = f"{args.model}_cpu"
+            stage("segserve_cpu", lambda: bench_model(port, cpu_model, frames_dir, args))
+    except Terminated as exc:
+        notes["terminated"] = f"{exc} during the {running} stage: the rows above are all"
+    except Exception as exc:  # outside a stage: making frames, starting segserve serve
+        notes[running] = f"FAILED: {_why(exc)}"
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        print(table(results), flush=True)
+        save()
     return 0
 
 
