@@ -254,6 +254,39 @@ async def test_stats_and_metrics_count_http_requests(http, server):
     assert requests_counted(server, "colour", "OK") == ok_before + 3
 
 
+async def test_answers_are_gzipped_for_clients_that_accept_it(http, repository):
+    """JSON (and KServe) answers over http_gzip_min_bytes are gzipped when the client accepts
+    gzip, and decode to the same body; PNG masks never are; 0 turns compression off."""
+    url, params = "/v1/models/colour/segment", {"format": "json", "encodings": "raw,srle"}
+    plain = await http.post(
+        url, params=params, content=PNG, headers={"Accept-Encoding": "identity"}
+    )
+    zipped = await http.post(url, params=params, content=PNG, headers={"Accept-Encoding": "gzip"})
+    assert plain.status_code == zipped.status_code == 200
+    assert "content-encoding" not in plain.headers
+    assert zipped.headers["content-encoding"] == "gzip"
+    assert int(zipped.headers["content-length"]) < len(plain.content) / 2  # bytes on the wire
+    assert zipped.json()["masks"] == plain.json()["masks"]  # httpx gunzips
+    png = await http.post(url, content=PNG, headers={"Accept-Encoding": "gzip"})
+    assert png.headers["content-type"] == "image/png" and "content-encoding" not in png.headers
+    small = await http.get("/v1/models/colour/none", headers={"Accept-Encoding": "gzip"})
+    assert small.status_code == 404 and "content-encoding" not in small.headers  # < 1024 bytes
+    kserve = await http.get("/v2/models/colour/config", headers={"Accept-Encoding": "gzip"})
+    assert kserve.status_code == 200 and len(kserve.content) > 1024
+    assert "content-encoding" not in kserve.headers  # /v2 answers as Triton's port does
+    server = Server(make_settings(repository, http_gzip_min_bytes=0))
+    await server.start()
+    try:
+        base = f"http://127.0.0.1:{server.http_port}"
+        async with httpx.AsyncClient(base_url=base, timeout=30) as other:
+            off = await other.post(
+                url, params=params, content=PNG, headers={"Accept-Encoding": "gzip"}
+            )
+            assert off.status_code == 200 and "content-encoding" not in off.headers
+    finally:
+        await server.stop(timeout_s=5)
+
+
 async def test_bodies_past_the_limit_are_413(repository):
     server = Server(make_settings(repository, max_receive_message_bytes=MIB))
     await server.start()

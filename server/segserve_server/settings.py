@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     endpoint POST /v1/models/{name}/segment and the browser console at /console/ (docs/http.md).
     Same TLS, tokens and limits as the gRPC ports. 0 picks a free port; "off" disables it."""
 
+    http_gzip_min_bytes: int = Field(1024, ge=0)
+    """HTTP answers at least this long are gzip-compressed for clients that accept gzip (the
+    /v1 JSON answers with base64 masks and polygons); 0 turns compression off. Images (PNG,
+    JPEG, WebP), event streams and KServe's /v2 answers (as Triton's) are sent as they are."""
+
     http_cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, json_schema_extra={"flag": "http-cors-origin"}
     )

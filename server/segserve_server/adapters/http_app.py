@@ -16,7 +16,10 @@ shares lives here, once:
   the models in scope (`may_use`);
 - deadlines: the `Segserve-Timeout-S` (or `Request-Timeout`) header, in seconds (`deadline_of`);
 - bodies: read up to max_receive_message_bytes (`read_body`, 413 past it);
-- CORS: off unless http_cors_origins lists origins (Starlette's CORSMiddleware).
+- CORS: off unless http_cors_origins lists origins (Starlette's CORSMiddleware);
+- compression: answers of http_gzip_min_bytes or more are gzipped for clients that accept it
+  (Starlette's GZipMiddleware, outermost, so errors and auth answers too), except images, event
+  streams (already compressed, or streamed) and KServe's /v2 routes (`GzipOutsideKServe`).
 
 `HttpServer` runs uvicorn without its signal handling (segserve's own drain stops it): `stop`
 closes the listening socket and idle connections at once and lets accepted requests finish
@@ -43,6 +46,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
@@ -74,10 +78,12 @@ T = TypeVar("T")
 __all__ = [
     "CONSOLE_DIR",
     "EXPOSED_HEADERS",
+    "GZIP_EXCLUDED",
     "HTTP_STATUSES",
     "OPEN_PREFIXES",
     "TIMEOUT_HEADERS",
     "AuthMiddleware",
+    "GzipOutsideKServe",
     "HttpServer",
     "HttpState",
     "build_app",
@@ -93,6 +99,9 @@ __all__ = [
     "state_of",
     "unless_disconnected",
 ]
+
+GZIP_EXCLUDED = ("image/png", "image/jpeg", "image/webp", "text/event-stream")
+"""Answers never gzipped: compressed images (masks, overlays) gain nothing; streams would stall."""
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +347,24 @@ async def _to_console(request: Request) -> Response:
     return RedirectResponse("/console/")
 
 
+class GzipOutsideKServe:
+    """Starlette's GZipMiddleware for every route but KServe's /v2: stock tritonclient's aio
+    client asks for gzip (aiohttp's default header) yet does not gunzip, so /v2 answers as
+    Triton's own HTTP port does unasked."""
+
+    def __init__(self, app: ASGIApp, minimum_size: int) -> None:
+        self._app = app
+        self._gzip = GZipMiddleware(
+            app, minimum_size=minimum_size, exclude_content_types=GZIP_EXCLUDED
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not str(scope.get("path", "")).startswith("/v2/"):
+            await self._gzip(scope, receive, send)
+        else:
+            await self._app(scope, receive, send)
+
+
 def build_app(state: HttpState, tokens: TokenTable | None) -> Starlette:
     """The HTTP port's app: every route, auth (with tokens), CORS (with origins)."""
     from segserve_server.adapters import kserve_http, rest_v1
@@ -349,6 +376,10 @@ def build_app(state: HttpState, tokens: TokenTable | None) -> Starlette:
         Mount("/console", StaticFiles(directory=CONSOLE_DIR, html=True, check_dir=False)),
     ]
     middleware: list[Middleware] = []
+    if state.settings.http_gzip_min_bytes > 0:
+        middleware.append(
+            Middleware(GzipOutsideKServe, minimum_size=state.settings.http_gzip_min_bytes)
+        )
     origins = state.settings.http_cors_origins
     if origins:
         middleware.append(
