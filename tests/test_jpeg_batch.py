@@ -86,6 +86,23 @@ def test_no_call_exceeds_max_batch_and_every_image_gets_its_own_answer():
     assert coalescer.waiting == 0
 
 
+def test_images_are_served_oldest_first_even_one_at_a_time():
+    """max_batch 1 (a model without batching): whoever leads, the oldest image goes next, so
+    none waits behind newer arrivals."""
+    decoder = GatedDecoder()
+    coalescer = DecodeCoalescer(decoder, max_batch=1)
+    with ThreadPoolExecutor(8) as pool:
+        first = pool.submit(coalescer.decode, 0)
+        assert decoder.entered.wait(10)
+        rest = []
+        for i in range(1, 7):  # one at a time, so the arrival order is known
+            rest.append(pool.submit(coalescer.decode, i))
+            wait_for_waiting(coalescer, i)
+        decoder.release.set()
+        assert [first.result(), *(f.result() for f in rest)] == [2 * i for i in range(7)]
+    assert decoder.calls == [[i] for i in range(7)]
+
+
 def test_a_corrupt_image_fails_alone_and_its_batch_mates_decode():
     decoder = GatedDecoder()
     coalescer = DecodeCoalescer(decoder, max_batch=8)

@@ -46,6 +46,7 @@ from segserve_server.pipeline.jpeg_batch import DecodeCoalescer
 from segserve_server.pipeline.postprocess import Postprocessed
 
 __all__ = [
+    "MIN_DECODE_BATCH",
     "DevicePipeline",
     "JpegDecoder",
     "Prepared",
@@ -55,6 +56,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+MIN_DECODE_BATCH = 8
+"""The fewest JPEGs one batched decode call may take (more for models with larger batches)."""
 
 JpegDecoder = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 """Encoded JPEGs (1-D uint8 tensors) -> (3, h, w) RGB uint8 tensors on the device, one call."""
@@ -142,9 +146,12 @@ class DevicePipeline:
             log.warning("model %s: no GPU JPEG decoder; decoding on the CPU", config.name)
         if jpeg_decoder is not None:  # the tests' stand-in for nvJPEG on "cpu"
             self._decode_jpeg = jpeg_decoder
-        # Concurrent requests' JPEGs, one batched call (as many as an inference batch).
+        # Concurrent requests' JPEGs, one batched call (an inference batch's worth, at least 8:
+        # nvJPEG batching pays also for models that infer one image at a time).
         self._jpegs: DecodeCoalescer[torch.Tensor, torch.Tensor] | None = (
-            DecodeCoalescer(self._decode_jpeg, max(1, config.batching.max_batch_size))
+            DecodeCoalescer(
+                self._decode_jpeg, max(MIN_DECODE_BATCH, config.batching.max_batch_size)
+            )
             if self._decode_jpeg is not None
             else None
         )

@@ -3,14 +3,15 @@
 Each request decodes in its own worker thread. On the GPU, torchvision's `decode_jpeg` takes a
 list and decodes it in one nvJPEG call, which costs far less per image than one call each.
 `DecodeCoalescer` gathers those calls without adding latency: a thread that finds no decode
-running becomes the leader and decodes every JPEG waiting at that moment (at most `max_batch`)
-in one call; JPEGs that arrive meanwhile wait for it and go into the next call, led by one of
-their threads. Under load the calls grow; a lone request is decoded at once, never held back
+running becomes the leader and decodes the JPEGs waiting at that moment, oldest first (at most
+`max_batch`), in one call; JPEGs that arrive meanwhile wait for it and go into the next call,
+led by one of their threads. No image waits behind newer ones. Under load the calls grow; a lone request is decoded at once, never held back
 for company.
 
 A failed batched call is retried image by image, so a corrupt JPEG fails its own request only.
 Every waiting thread gets exactly one answer (its image or its error), also when the decoder
-raises something unexpected.
+raises something unexpected; failures of the coalescing itself are InferenceFailed (INTERNAL),
+never blamed on the image.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
+
+from segserve_server.errors import InferenceFailed
 
 __all__ = ["DecodeCoalescer"]
 
@@ -59,24 +62,32 @@ class DecodeCoalescer(Generic[In, Out]):
         item: _Pending[In, Out] = _Pending(data)
         with self._condition:
             self._waiting.append(item)
-            while not item.done and self._leading:
-                self._condition.wait()
-            if not item.done:  # no decode running: lead one, with this image and the oldest
-                self._leading = True
-                self._waiting.remove(item)
-                batch = [item, *self._waiting[: self._max_batch - 1]]
-                del self._waiting[: self._max_batch - 1]
-        if not item.done:
+        while not item.done:
+            leading = False
+            batch: list[_Pending[In, Out]] = []
             try:
+                with self._condition:
+                    while not item.done and self._leading:
+                        self._condition.wait()
+                    if item.done:
+                        break
+                    # No decode running: lead one, oldest first (this image may have to wait
+                    # for a later call, but no image waits behind newer ones).
+                    self._leading = leading = True
+                    batch = self._waiting[: self._max_batch]
+                    del self._waiting[: self._max_batch]
                 self._run(batch)
             finally:
-                for pending in batch:  # even if the decoder raised past Exception
-                    if not pending.done:
-                        pending.error = RuntimeError("the batched JPEG decode was interrupted")
-                        pending.done = True
-                with self._condition:
-                    self._leading = False
-                    self._condition.notify_all()
+                if leading:
+                    for pending in batch:  # even if the decoder raised past Exception
+                        if not pending.done:
+                            pending.error = InferenceFailed(
+                                "the batched JPEG decode was interrupted"
+                            )
+                            pending.done = True
+                    with self._condition:
+                        self._leading = False
+                        self._condition.notify_all()
         if item.error is not None:
             raise item.error
         return item.result  # type: ignore[return-value]
@@ -100,5 +111,5 @@ class DecodeCoalescer(Generic[In, Out]):
                     pending.error = exc
         for pending in batch:
             if pending.result is None and pending.error is None:
-                pending.error = RuntimeError("the decoder answered nothing for this image")
+                pending.error = InferenceFailed("the JPEG decoder answered nothing for this image")
             pending.done = True
