@@ -205,53 +205,74 @@ async def test_byte_counts_must_match_the_declared_size(stub):
     assert "ended before its header" in (err.value.details() or "")
 
 
-async def test_uploads_in_flight_are_bounded_by_their_declared_bytes(repository):
-    """max_upload_bytes_in_flight: a stalled upload holds its declared size; one that would pass
-    the total is refused RESOURCE_EXHAUSTED at its header; when the first ends, room returns."""
+def held(server: Server) -> float:
+    """segserve_upload_bytes_in_flight, as a scrape shows it."""
+    value = server.core.metrics.registry.get_sample_value("segserve_upload_bytes_in_flight")
+    return value or 0.0
+
+
+async def test_uploads_in_flight_are_bounded_by_the_bytes_they_hold(repository):
+    """max_upload_bytes_in_flight: a stalled upload holds the bytes it sent; the chunk that
+    would take the total past the limit is refused RESOURCE_EXHAUSTED; a header alone holds
+    nothing; when the stalled upload ends, its bytes are returned."""
     data = encode(_upscaled_quadrants(2))
-    server = Server(make_settings(repository, max_upload_bytes_in_flight=3 * MIB))
+    assert len(data) < MIB // 4
+    settings = make_settings(
+        repository, max_upload_bytes=2 * MIB, max_upload_bytes_in_flight=3 * MIB
+    )
+    server = Server(settings)
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.SegmentationStub(channel)
-            first = pb.SegmentUploadRequest(chunk=data[:100])
-            stalled = GatedUpload([_header("colour", 2 * MIB), first], rest=0)
-            held = stub.SegmentUpload(stalled.__aiter__(), timeout=WAIT_S)
-            for _ in range(600):  # until the server has read the stalled upload's header
-                if stalled.sent == 2:
+            sent = [
+                pb.SegmentUploadRequest(chunk=data[:100]),
+                pb.SegmentUploadRequest(chunk=bytes(2 * MIB - 200)),
+            ]
+            stalled = GatedUpload([_header("colour", 2 * MIB), *sent], rest=0)
+            call = stub.SegmentUpload(stalled.__aiter__(), timeout=WAIT_S)
+            declared_only = GatedUpload([_header("colour", 2 * MIB)], rest=0)
+            idle = stub.SegmentUpload(declared_only.__aiter__(), timeout=WAIT_S)
+            for _ in range(600):  # until the server has taken the stalled upload's bytes
+                if held(server) >= 2 * MIB - 100:
                     break
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(0.2)
-            refused = stub.SegmentUpload(
-                iter([_header("colour", 2 * MIB), pb.SegmentUploadRequest(chunk=data)]),
-                timeout=WAIT_S,
-            )
+            else:
+                raise AssertionError("the stalled upload's bytes were never counted")
+            big = [_header("colour", 2 * MIB), pb.SegmentUploadRequest(chunk=data[:100])]
+            big.append(pb.SegmentUploadRequest(chunk=bytes(MIB + MIB // 2)))
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await refused
+                await stub.SegmentUpload(iter(big), timeout=WAIT_S)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "declared 2097152 bytes" in (err.value.details() or "")
-            assert "max_upload_bytes_in_flight 3145728" in (err.value.details() or "")
+            assert "max_upload_bytes_in_flight 3145728: retry later" in (err.value.details() or "")
             small = [_header("colour", len(data)), pb.SegmentUploadRequest(chunk=data)]
-            assert len(data) <= MIB
-            await stub.SegmentUpload(iter(small), timeout=WAIT_S)  # fits beside the stalled one
-            held.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await held
+            answer = await stub.SegmentUpload(iter(small), timeout=WAIT_S)  # fits beside them
+            assert answer.width == 2 * W
+            for pending in (call, idle):
+                pending.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await pending
             stalled.gate.set()
-            for _ in range(200):  # the cancelled upload's reservation is returned
-                try:
-                    big = [_header("colour", 2 * MIB + len(data))]
-                    call = stub.SegmentUpload(iter(big), timeout=WAIT_S)
-                    await call
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        assert "ended after 0 of the" in (exc.details() or "")
-                        break
+            declared_only.gate.set()
+            for _ in range(200):  # the cancelled uploads' bytes are returned
+                if held(server) == 0:
+                    break
                 await asyncio.sleep(0.05)
             else:
                 raise AssertionError("the cancelled upload's bytes were never returned")
+            fits = [*big[:2], pb.SegmentUploadRequest(chunk=bytes(2 * MIB - 100))]
+            with pytest.raises(grpc.aio.AioRpcError) as err:  # room again: the PNG is refused
+                await stub.SegmentUpload(iter(fits), timeout=WAIT_S)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         await server.stop()
+
+
+def test_the_upload_budget_holds_at_least_one_largest_upload(repository):
+    with pytest.raises(
+        ValueError, match="max_upload_bytes_in_flight 100 is below max_upload_bytes"
+    ):
+        make_settings(repository, max_upload_bytes=200, max_upload_bytes_in_flight=100)
 
 
 def test_upload_checks_its_input(tmp_path):

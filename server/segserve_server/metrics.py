@@ -103,6 +103,11 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.upload_bytes = Gauge(
+            "segserve_upload_bytes_in_flight",
+            "Bytes the SegmentUploads running now hold (limit: max_upload_bytes_in_flight).",
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "segserve_queue_wait_seconds",
             "Time a request waited in its model's queue for a batch, by priority level.",

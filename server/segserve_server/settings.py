@@ -174,9 +174,9 @@ class Settings(BaseSettings):
     byte is kept. An upload's buffer grows with what arrives, up to its declared size."""
 
     max_upload_bytes_in_flight: int = Field(2048 * MIB, ge=1)
-    """Total the SegmentUploads running at once may declare: an upload whose header would take
-    the total past it is refused RESOURCE_EXHAUSTED (retry later) before a byte is kept, so
-    uploads never hold more memory than this between them."""
+    """Bytes the SegmentUploads running at once may hold between them (at least
+    max_upload_bytes): the chunk that would pass it is refused RESOURCE_EXHAUSTED (retry later)
+    before it is kept. A call's bytes count until it ends."""
 
     worker_threads: int = Field(default_factory=available_cpus, ge=1)
     """Threads that decode, preprocess, postprocess and encode (they release the GIL); default:
@@ -300,6 +300,17 @@ class Settings(BaseSettings):
         if isinstance(data, dict) and isinstance(data.get("auth_tokens"), str):
             data = {**data, "auth_tokens": _Secret(data["auth_tokens"])}
         return data
+
+    @field_validator("max_upload_bytes_in_flight")
+    @classmethod
+    def _check_upload_budget(cls, value: int, info: ValidationInfo) -> int:
+        single = info.data.get("max_upload_bytes")
+        if single is not None and value < single:
+            raise ValueError(
+                f"max_upload_bytes_in_flight {value} is below max_upload_bytes {single}: an "
+                "upload of the largest accepted size could never finish"
+            )
+        return value
 
     @field_validator("tls_key_file")
     @classmethod

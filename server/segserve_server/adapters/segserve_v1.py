@@ -420,7 +420,9 @@ class SegmentationServicer:
         from segserve_server.adapters.upload_v1 import UploadBudget, segment_upload
 
         if self._upload_budget is None:  # one per server, made on the loop that serves
-            self._upload_budget = UploadBudget(self._core.settings.max_upload_bytes_in_flight)
+            self._upload_budget = UploadBudget(
+                self._core.settings.max_upload_bytes_in_flight, self._core.metrics.upload_bytes
+            )
         return await segment_upload(self._core, messages, context, self._upload_budget)
 
     async def ListModels(

@@ -12,9 +12,11 @@ Memory budget of one upload (what docs/imaging.md states and tests/test_upload.p
 
 - the encoded bytes, once: one buffer that grows as chunks arrive, never past the declared size
   (chunks are copied in and dropped; gRPC holds about one message at a time), never joined or
-  copied again. Between them, the uploads running at once may declare at most
-  max_upload_bytes_in_flight: one that would pass it is refused RESOURCE_EXHAUSTED at its header
-  (`UploadBudget`);
+  copied again. Between them, the uploads running at once may hold at most
+  max_upload_bytes_in_flight: the chunk that would pass it is refused RESOURCE_EXHAUSTED
+  (`UploadBudget`). The count is returned when the call ends; a decode already running in a
+  worker when its client cancels finishes on those bytes, so the bound is exact for the
+  buffers and approximate by what at most worker_threads decodes still hold;
 - one decoded copy: JPEGs decode at the smallest DCT scale (1/2, 1/4, 1/8) that still covers
   the model's input (jpeg_dct_scaling), so a 20000x20000 JPEG for a 64x48 model is a
   2500x2500 decode (18 MiB); 8-bit PNG, WebP and BMP at the same reduced scale
@@ -30,6 +32,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
+from prometheus_client import Gauge
 
 from segserve.v1 import segserve_pb2 as pb
 from segserve_server.adapters.grpc_helpers import deadline_of
@@ -171,12 +174,20 @@ def _options(header: pb.UploadHeader, core: SegmentationCore) -> SegmentInput:
 
 
 class UploadBudget:
-    """The bytes that the uploads running now have declared, against max_upload_bytes_in_flight.
-    One per server; used on its event loop only (no lock)."""
+    """The bytes that the uploads running now have received, against max_upload_bytes_in_flight.
+    Charged chunk by chunk (what the buffers really hold: an upload that declares much and sends
+    little blocks no one), returned when the call ends. One per server; used on its event loop
+    only (no lock)."""
 
-    def __init__(self, limit_bytes: int) -> None:
+    def __init__(self, limit_bytes: int, gauge: Gauge | None = None) -> None:
         self.limit_bytes = limit_bytes
         self.held_bytes = 0
+        self._gauge = gauge
+
+    def _changed(self, held_bytes: int) -> None:
+        self.held_bytes = held_bytes
+        if self._gauge is not None:
+            self._gauge.set(held_bytes)
 
     @contextlib.contextmanager
     def reservation(self) -> Iterator[_Reservation]:
@@ -185,7 +196,7 @@ class UploadBudget:
         try:
             yield reservation
         finally:
-            self.held_bytes -= reservation.bytes
+            self._changed(self.held_bytes - reservation.bytes)
             reservation.bytes = 0
 
 
@@ -194,16 +205,15 @@ class _Reservation:
         self._budget = budget
         self.bytes = 0
 
-    def take(self, total_bytes: int) -> None:
+    def take(self, size: int) -> None:
         budget = self._budget
-        if budget.held_bytes + total_bytes > budget.limit_bytes:
+        if budget.held_bytes + size > budget.limit_bytes:
             raise UploadsBusy(
-                f"uploads running now have declared {budget.held_bytes} bytes; this one's "
-                f"{total_bytes} would pass max_upload_bytes_in_flight {budget.limit_bytes}: "
-                "retry later"
+                f"uploads running now hold {budget.held_bytes} bytes; {size} more would pass "
+                f"max_upload_bytes_in_flight {budget.limit_bytes}: retry later"
             )
-        budget.held_bytes += total_bytes
-        self.bytes += total_bytes
+        budget._changed(budget.held_bytes + size)
+        self.bytes += size
 
 
 async def segment_upload(
@@ -212,8 +222,8 @@ async def segment_upload(
     context: grpc.aio.ServicerContext,
     budget: UploadBudget,
 ) -> pb.SegmentResponse:
-    """SegmentUpload: reads the upload, then segments it as Segment does; its declared size is
-    held in `budget` until the answer is built."""
+    """SegmentUpload: reads the upload, then segments it as Segment does; the bytes it received
+    are held in `budget` until the answer is built."""
     with budget.reservation() as reservation:
         request = await read_upload(core, messages, reservation)
         output = await core.segment(request, deadline_of(context))
@@ -226,7 +236,7 @@ async def read_upload(
     reservation: _Reservation | None = None,
 ) -> SegmentInput:
     """Reads one upload (see the module) and returns its request, the image a view of its
-    buffer; its declared size is taken from `reservation` before any chunk is kept."""
+    buffer; each chunk is taken from `reservation` before it is kept."""
     settings = core.settings
     limits = decode.ImageLimits(settings.max_image_pixels, settings.max_image_side)
     buffer: UploadBuffer | None = None
@@ -240,9 +250,9 @@ async def read_upload(
                 )
             options = _options(message.header, core)
             buffer = UploadBuffer(message.header.total_bytes, settings.max_upload_bytes, limits)
-            if reservation is not None:
-                reservation.take(buffer.total_bytes)
         elif part == "chunk":
+            if reservation is not None:
+                reservation.take(len(message.chunk))
             buffer.add(message.chunk)
         else:
             raise InvalidArgument(
