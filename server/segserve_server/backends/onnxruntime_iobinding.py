@@ -10,9 +10,9 @@ It serves when the session's provider runs on the pipeline's device: CPUExecutio
 "cpu" (where the tests prove it) and the CUDA or TensorRT provider for "cuda:N" (same code,
 device type "cuda"). Otherwise `iobinding_runner` answers None and the host copies stay.
 
-Output shapes come from config.pbtxt, which the loader has already checked against the model:
-labels (N, H, W) per output, scores (N, C, H, W). A model that writes anything else fails the
-batch with InferenceFailed (ONNX Runtime refuses a bound buffer of the wrong shape).
+Output shapes come from config.pbtxt: labels (N, H, W) per output, scores (N, C, H, W). One
+bound zero batch is run before the runner is used: a model that writes anything else keeps the
+host copies (logged); later, a batch it cannot bind fails with InferenceFailed.
 """
 
 from __future__ import annotations
@@ -74,7 +74,19 @@ def iobinding_runner(
     if any(dtype is None for dtype in dtypes):
         log.info("model %s: output types %s cannot be bound; host copies", config.name, types)
         return None
-    return IOBindingRunner(backend, config, device, [d for d in dtypes if d is not None])
+    runner = IOBindingRunner(backend, config, device, [d for d in dtypes if d is not None])
+    shape = (
+        (1, 3, config.input_height, config.input_width)
+        if config.input_layout == "NCHW"
+        else (1, config.input_height, config.input_width, 3)
+    )
+    zeros = torch.zeros(shape, dtype=_TORCH_TYPES[np.dtype(config.input_dtype).type], device=device)
+    try:  # a model whose outputs are not what config.pbtxt declares fails here, not per batch
+        runner(zeros)
+    except InferenceFailed as exc:
+        log.warning("model %s: IOBinding warm-up failed (%s); host copies", config.name, exc)
+        return None
+    return runner
 
 
 class IOBindingRunner:
