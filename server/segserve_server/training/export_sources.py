@@ -108,12 +108,16 @@ def from_checkpoint(
         f"({len(names)} classes: {', '.join(names)}); input {height}x{width} (HxW), {order}"
         + (", ImageNet mean/std." if imagenet else ".")
     )
-    splits = [str(s) for s in meta.get("train_splits", ["train"])]
+    raw_splits = meta.get("train_splits", ["train"])
+    splits = raw_splits.split(",") if isinstance(raw_splits, str) else [str(s) for s in raw_splits]
     if "val" in splits:  # final weights (training/recipe.py): nothing was held out
+        schedule = (
+            f"a fixed {epochs or epoch}-epoch schedule" if epochs or epoch else "a fixed schedule"
+        )
         text += (
-            f" Trained on {'CamVid ' if is_camvid else ''}{' + '.join(splits)} for a fixed"
-            f" {epochs or epoch}-epoch schedule, last epoch kept: val is in its training data,"
-            " so no val figure estimates accuracy on unseen frames."
+            f" Trained on {'CamVid ' if is_camvid else ''}{' + '.join(splits)} for {schedule},"
+            " last epoch kept: val is in its training data, so no val figure estimates accuracy"
+            " on unseen frames."
         )
     elif miou is not None:
         at = f" after epoch {epoch}" + (f" of {epochs}" if epochs else "") if epoch else ""
