@@ -162,7 +162,11 @@ def source_version(entry: RepositoryEntry, config: ModelConfig, requested: int |
         return requested
     skipped = []
     for version in sorted(entry.versions, reverse=True):
-        reason = quantization_reason(entry.versions[version], config.model_filename)
+        folder = entry.versions[version]
+        if not (folder / config.model_filename).is_file():  # e.g. a plan version, config reset
+            skipped.append(f"{version} (no {config.model_filename})")
+            continue
+        reason = quantization_reason(folder, config.model_filename)
         if reason is None:
             return version
         skipped.append(f"{version} ({reason})")
