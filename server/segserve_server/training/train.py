@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         best = -1.0 if ck["best_miou"] is None else ck["best_miou"]
         if (out / "best.pt").exists():  # it may be newer than last.pt if killed in between
             best = max(best, torch.load(out / "best.pt", weights_only=False)["val_miou"])
-        print(f"resumed from {last} after epoch {start} (best val mIoU {best:.4f})", flush=True)
+        scored = f"best val mIoU {best:.4f}" if best >= 0 else "no val scored"
+        print(f"resumed from {last} after epoch {start} ({scored})", flush=True)
     # The log mirrors the checkpoint's history, so a kill between the two writes loses nothing.
     with open(out / "log.jsonl.tmp", "w") as f:
         f.writelines(json.dumps(h) + "\n" for h in history)
