@@ -84,7 +84,8 @@ def _wait_for_line(
 
 def start_segserve(repository: Path, model: str, work: Path) -> ServerProcess:
     log = work / "segserve.log"
-    env = {**os.environ, "SEGSERVE_KSERVE_PORT": "0"}
+    # Free ports only: benchmarks run several servers side by side.
+    env = {**os.environ, "SEGSERVE_KSERVE_PORT": "0", "SEGSERVE_HTTP_PORT": "0"}
     cmd = [
         sys.executable,
         "-m",
