@@ -38,6 +38,23 @@ class GatedDecoder:
         return [2 * i for i in items]
 
 
+class FirstCallGated:
+    """Wraps a batched decoder: records each call's size; the first call waits for `gate`."""
+
+    def __init__(self, decode: Any) -> None:
+        self.decode = decode
+        self.sizes: list[int] = []
+        self.gate, self.entered = threading.Event(), threading.Event()
+
+    def __call__(self, encoded: list[Any]) -> list[Any]:
+        self.sizes.append(len(encoded))
+        if len(self.sizes) == 1:
+            self.entered.set()
+            assert self.gate.wait(30)
+        result: list[Any] = self.decode(encoded)
+        return result
+
+
 def wait_for_waiting(coalescer: DecodeCoalescer[int, int], count: int) -> None:
     for _ in range(3000):
         if coalescer.waiting == count:
@@ -155,14 +172,8 @@ def test_the_device_pipeline_batches_concurrent_jpegs_and_answers_as_the_host_pa
         config,
     )
     limits = decode.ImageLimits(max_pixels=1 << 24, max_side=1 << 13)
-    gate, entered = threading.Event(), threading.Event()
-    sizes: list[int] = []
 
-    def cpu_batched(encoded: list[Any]) -> list[Any]:
-        sizes.append(len(encoded))
-        if len(sizes) == 1:
-            entered.set()
-            assert gate.wait(30)
+    def cpu_decode(encoded: list[Any]) -> list[Any]:
         decoded: list[np.ndarray] = []
         for e in encoded:
             bgr = cv2.imdecode(e.numpy(), cv2.IMREAD_COLOR)
@@ -170,6 +181,7 @@ def test_the_device_pipeline_batches_concurrent_jpegs_and_answers_as_the_host_pa
             decoded.append(np.ascontiguousarray(bgr[:, :, ::-1]))
         return [torch.from_numpy(d).permute(2, 0, 1) for d in decoded]
 
+    cpu_batched = FirstCallGated(cpu_decode)
     batched = DevicePipeline(
         config, backend.tensors, backend.device, limits, jpeg_decoder=cpu_batched
     )
@@ -183,15 +195,15 @@ def test_the_device_pipeline_batches_concurrent_jpegs_and_answers_as_the_host_pa
 
     with ThreadPoolExecutor(4) as pool:
         first = pool.submit(answer, batched, images[0])
-        assert entered.wait(10)
+        assert cpu_batched.entered.wait(10)
         rest = [pool.submit(answer, batched, data) for data in images[1:]]
         for _ in range(3000):
             if batched._jpegs is not None and batched._jpegs.waiting == 3:
                 break
             threading.Event().wait(0.01)
-        gate.set()
+        cpu_batched.gate.set()
         answers = [first.result(), *(f.result() for f in rest)]
-    assert sizes == [1, 3] and batched.jpeg_batches == 2
+    assert cpu_batched.sizes == [1, 3] and batched.jpeg_batches == 2
     for data, labels in zip(images, answers, strict=True):
         np.testing.assert_array_equal(labels, answer(plain, data))
 
@@ -222,27 +234,18 @@ def test_nvjpeg_decodes_a_gathered_batch_as_each_alone():
         out: list[Any] = decode_jpeg(encoded, mode=ImageReadMode.RGB, device="cuda")
         return out
 
-    gate, entered = threading.Event(), threading.Event()
-    sizes: list[int] = []
-
-    def gated(encoded: list[Any]) -> list[Any]:
-        sizes.append(len(encoded))
-        if len(sizes) == 1:
-            entered.set()
-            assert gate.wait(30)
-        return nvjpeg(encoded)
-
+    gated = FirstCallGated(nvjpeg)
     coalescer: DecodeCoalescer[Any, Any] = DecodeCoalescer(gated, max_batch=8)
     images = [encode(quadrant_image(90 * k, 120 * k), ".jpg") for k in (1, 2, 3, 4, 8)]
     tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in images]
     with ThreadPoolExecutor(5) as pool:
         first = pool.submit(coalescer.decode, tensors[0])
-        assert entered.wait(10)
+        assert gated.entered.wait(10)
         rest = [pool.submit(coalescer.decode, t) for t in tensors[1:]]
         wait_for_waiting(coalescer, 4)
-        gate.set()
+        gated.gate.set()
         decoded = [first.result(), *(f.result() for f in rest)]
-    assert sizes == [1, 4]
+    assert gated.sizes == [1, 4]
     for tensor, got in zip(tensors, decoded, strict=True):
         assert got.is_cuda
         assert torch.equal(got, nvjpeg([tensor])[0])
