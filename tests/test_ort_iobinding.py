@@ -82,6 +82,24 @@ def test_device_backend_uses_iobinding_and_reports_it(repository):
     assert DeviceBatchBackend(backend, "cpu").transfer == "host"  # no config: no binding
 
 
+def test_concurrent_bound_batches_and_a_failed_one_leave_the_backend_idle(repository):
+    """Threads binding at once each get their own answer; a failed batch returns its session
+    (the lane count is back to 0, so a lone request gets the every-core session again)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    config, backend = load(repository, "logits")
+    runner = iobinding_runner(backend, config, torch.device("cpu"))
+    assert runner is not None
+    inputs = [batch(2, seed=s) for s in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda x: runner(torch.from_numpy(x)).numpy(), inputs))
+    for x, got in zip(inputs, answers, strict=True):
+        np.testing.assert_array_equal(got, backend.infer(x))
+    with pytest.raises(InferenceFailed):
+        runner(torch.zeros((1, 3, H + 1, W), dtype=torch.float32))
+    assert backend._running == 0
+
+
 def test_a_provider_on_another_device_keeps_the_host_copies(repository):
     config, backend = load(repository, "labels")
     assert backend.provider == "CPUExecutionProvider"

@@ -268,6 +268,24 @@ async def test_uploads_in_flight_are_bounded_by_the_bytes_they_hold(repository):
         await server.stop()
 
 
+async def test_failed_uploads_return_their_bytes(stub, server):
+    """Whatever ends an upload after its header (too many bytes, a corrupt image, an unknown
+    model) returns what it held: the gauge is back at 0 after each."""
+    data = encode(quadrant_image())
+    calls = [
+        [_header("colour", len(data) - 1), pb.SegmentUploadRequest(chunk=data)],
+        [_header("colour", 200), pb.SegmentUploadRequest(chunk=b"\x89PNG\r\n\x1a\n" + bytes(192))],
+        [_header("no_such_model", len(data)), pb.SegmentUploadRequest(chunk=data)],
+    ]
+    for messages in calls:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.SegmentUpload(iter(messages), timeout=WAIT_S)
+        assert held(server) == 0
+    ok = [_header("colour", len(data)), pb.SegmentUploadRequest(chunk=data)]
+    assert (await stub.SegmentUpload(iter(ok), timeout=WAIT_S)).width == W
+    assert held(server) == 0
+
+
 def test_the_upload_budget_holds_at_least_one_largest_upload(repository):
     with pytest.raises(
         ValueError, match="max_upload_bytes_in_flight 100 is below max_upload_bytes"
