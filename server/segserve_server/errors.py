@@ -93,7 +93,7 @@ class QueueFull(SegserveError):
 
 
 class UploadsBusy(SegserveError):
-    """The uploads running now have declared max_upload_bytes_in_flight between them: retry."""
+    """The uploads running now hold max_upload_bytes_in_flight between them: retry later."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

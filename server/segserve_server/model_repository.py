@@ -181,6 +181,13 @@ class ModelConfig:
         return [c.color for c in self.classes]
 
     @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """One image's input shape, without the batch dim: (3, H, W) or (H, W, 3)."""
+        if self.input_layout == "NCHW":
+            return (3, self.input_height, self.input_width)
+        return (self.input_height, self.input_width, 3)
+
+    @property
     def output_names(self) -> tuple[str, ...]:
         """The outputs a backend asks the model for: labels or scores, then confidence."""
         if self.confidence_output is None:

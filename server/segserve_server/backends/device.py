@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 from segserve_server.backends.base import SyncBackend
-from segserve_server.backends.onnxruntime_iobinding import iobinding_runner
 from segserve_server.errors import InferenceFailed, ModelConfigError
 from segserve_server.gpu_metrics import request_gpu_metrics
 from segserve_server.model_repository import ModelConfig
@@ -156,6 +155,9 @@ class DeviceBatchBackend(SyncBackend):
         self.device = check_device(device)
         self.tensors = DeviceTensors()
         self._run: Callable[[torch.Tensor], torch.Tensor]
+        # Imported here: onnxruntime_iobinding takes this module's torch_dtype.
+        from segserve_server.backends.onnxruntime_iobinding import iobinding_runner
+
         bound = iobinding_runner(inner, config, self.device) if config is not None else None
         if isinstance(inner, DeviceInfer):
             self._run, self.transfer = inner.infer_device, "device"

@@ -144,11 +144,7 @@ class OnnxRuntimeBackend(SyncBackend):
 
     def _warm_up(self, config: ModelConfig) -> None:
         """Runs one zero batch so that the first request does not pay for lazy initialisation."""
-        shape = (
-            (1, 3, config.input_height, config.input_width)
-            if config.input_layout == "NCHW"
-            else (1, config.input_height, config.input_width, 3)
-        )
+        shape = (1, *config.input_shape)
         try:
             for session in (self._session, self._wide_session):
                 if session is not None:
@@ -173,11 +169,7 @@ class OnnxRuntimeBackend(SyncBackend):
                     f"config output {name!r} is not in the ONNX model (has {list(outputs)})"
                 )
         shape = inputs[config.input_name].shape
-        expected = (
-            [3, config.input_height, config.input_width]
-            if config.input_layout == "NCHW"
-            else [config.input_height, config.input_width, 3]
-        )
+        expected = list(config.input_shape)
         fixed = [d if isinstance(d, int) else -1 for d in shape[1:]]
         if len(fixed) != 3 or any(d not in (-1, e) for d, e in zip(fixed, expected, strict=True)):
             raise ModelConfigError(f"ONNX input shape {shape} does not fit config dims {expected}")

@@ -22,6 +22,7 @@ import logging
 import numpy as np
 import torch
 
+from segserve_server.backends.device import torch_dtype
 from segserve_server.backends.onnxruntime import OnnxRuntimeBackend
 from segserve_server.errors import InferenceFailed
 from segserve_server.model_repository import ModelConfig
@@ -38,14 +39,6 @@ _ONNX_TYPES: dict[str, type[np.generic]] = {
     "tensor(int8)": np.int8,
     "tensor(int32)": np.int32,
     "tensor(int64)": np.int64,
-}
-_TORCH_TYPES: dict[type[np.generic], torch.dtype] = {
-    np.float32: torch.float32,
-    np.float16: torch.float16,
-    np.uint8: torch.uint8,
-    np.int8: torch.int8,
-    np.int32: torch.int32,
-    np.int64: torch.int64,
 }
 # The providers whose memory is the device's, by torch device type.
 _PROVIDERS = {
@@ -75,12 +68,9 @@ def iobinding_runner(
         log.info("model %s: output types %s cannot be bound; host copies", config.name, types)
         return None
     runner = IOBindingRunner(backend, config, device, [d for d in dtypes if d is not None])
-    shape = (
-        (1, 3, config.input_height, config.input_width)
-        if config.input_layout == "NCHW"
-        else (1, config.input_height, config.input_width, 3)
+    zeros = torch.zeros(
+        (1, *config.input_shape), dtype=torch_dtype(config.input_dtype), device=device
     )
-    zeros = torch.zeros(shape, dtype=_TORCH_TYPES[np.dtype(config.input_dtype).type], device=device)
     try:  # a model whose outputs are not what config.pbtxt declares fails here, not per batch
         runner(zeros)
     except InferenceFailed as exc:
@@ -108,19 +98,28 @@ class IOBindingRunner:
         per_image = (
             (height, width) if config.outputs_labels else (len(config.classes), height, width)
         )
-        self._outputs = list(zip(backend.output_names, output_dtypes, strict=True))
+        self._outputs = [
+            (name, out_type, torch_dtype(np.dtype(out_type)))
+            for name, out_type in zip(backend.output_names, output_dtypes, strict=True)
+        ]
         self._per_image = per_image
+        self._input_type = np.dtype(config.input_dtype).type
+        self._input_torch = torch_dtype(config.input_dtype)
         self._description = backend.description
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, ...) model inputs on the device -> the outputs as backends stack them (one output
         as it is; labels and confidence as (N, 2, H, W)), on the device."""
+        if batch.dtype != self._input_torch:
+            raise InferenceFailed(
+                f"{self._description}: input type {batch.dtype} is not the model's "
+                f"{np.dtype(self._input_type).name}"
+            )
         batch = batch.contiguous()
-        dtype = _numpy_of(batch.dtype)
         shape = (batch.shape[0], *self._per_image)
         outputs = [
-            torch.empty(shape, dtype=_TORCH_TYPES[out_type], device=self._device)
-            for _, out_type in self._outputs
+            torch.empty(shape, dtype=torch_type, device=self._device)
+            for _, _, torch_type in self._outputs
         ]
         if self._device_type == "cuda":  # the session reads on its own stream
             torch.cuda.current_stream(self._device).synchronize()
@@ -130,11 +129,11 @@ class IOBindingRunner:
                 self._backend.input_name,
                 self._device_type,
                 self._device_id,
-                dtype,
+                self._input_type,
                 tuple(batch.shape),
                 batch.data_ptr(),
             )
-            for (name, out_type), tensor in zip(self._outputs, outputs, strict=True):
+            for (name, out_type, _), tensor in zip(self._outputs, outputs, strict=True):
                 binding.bind_output(
                     name, self._device_type, self._device_id, out_type, shape, tensor.data_ptr()
                 )
@@ -147,10 +146,3 @@ class IOBindingRunner:
                 ) from exc
             binding.synchronize_outputs()
         return outputs[0] if len(outputs) == 1 else torch.stack(outputs, 1)
-
-
-def _numpy_of(dtype: torch.dtype) -> type[np.generic]:
-    for numpy_type, torch_type in _TORCH_TYPES.items():
-        if torch_type == dtype:
-            return numpy_type
-    raise InferenceFailed(f"input type {dtype} cannot be bound to onnxruntime")

@@ -53,11 +53,7 @@ def profile_shapes(
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """(min, opt, max) input shapes of the optimisation profile for the config: batch 1, the
     largest preferred batch size (else max_batch_size), max_batch_size."""
-    image = (
-        (3, config.input_height, config.input_width)
-        if config.input_layout == "NCHW"
-        else (config.input_height, config.input_width, 3)
-    )
+    image = config.input_shape
     largest = config.batching.max_batch_size
     preferred = config.batching.preferred_batch_sizes
     opt = opt_batch or (max(preferred) if preferred else largest)
