@@ -8,7 +8,8 @@ needs a GPU: tests/test_device_pipeline.py's CUDA tests and tools/gpu_check.sh c
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import cv2
@@ -20,42 +21,34 @@ from segserve_server.pipeline.jpeg_batch import DecodeCoalescer
 pytestmark = pytest.mark.timeout(60)
 
 
-class GatedDecoder:
-    """Doubles its inputs; the first call waits for `release`; records every call's inputs."""
+class FirstCallGated:
+    """Wraps a batched decoder: records every call's inputs; the first call waits for `gate`."""
 
-    def __init__(self) -> None:
-        self.calls: list[list[int]] = []
-        self.entered = threading.Event()
-        self.release = threading.Event()
+    def __init__(self, decode: Callable[[list[Any]], list[Any]]) -> None:
+        self.decode = decode
+        self.calls: list[list[Any]] = []
+        self.gate, self.entered = threading.Event(), threading.Event()
 
-    def __call__(self, items: list[int]) -> list[int]:
+    @property
+    def sizes(self) -> list[int]:
+        return [len(call) for call in self.calls]
+
+    def __call__(self, items: list[Any]) -> list[Any]:
         self.calls.append(list(items))
         if len(self.calls) == 1:
             self.entered.set()
-            assert self.release.wait(30)
-        if any(i < 0 for i in items):
-            raise ValueError(f"cannot decode {min(items)}")
-        return [2 * i for i in items]
-
-
-class FirstCallGated:
-    """Wraps a batched decoder: records each call's size; the first call waits for `gate`."""
-
-    def __init__(self, decode: Any) -> None:
-        self.decode = decode
-        self.sizes: list[int] = []
-        self.gate, self.entered = threading.Event(), threading.Event()
-
-    def __call__(self, encoded: list[Any]) -> list[Any]:
-        self.sizes.append(len(encoded))
-        if len(self.sizes) == 1:
-            self.entered.set()
             assert self.gate.wait(30)
-        result: list[Any] = self.decode(encoded)
-        return result
+        return self.decode(items)
 
 
-def wait_for_waiting(coalescer: DecodeCoalescer[int, int], count: int) -> None:
+def double(items: list[int]) -> list[int]:
+    """The stand-in decoder of the scheduling tests: doubles; a negative "image" is corrupt."""
+    if any(i < 0 for i in items):
+        raise ValueError(f"cannot decode {min(items)}")
+    return [2 * i for i in items]
+
+
+def wait_for_waiting(coalescer: DecodeCoalescer[Any, Any], count: int) -> None:
     for _ in range(3000):
         if coalescer.waiting == count:
             return
@@ -63,23 +56,41 @@ def wait_for_waiting(coalescer: DecodeCoalescer[int, int], count: int) -> None:
     raise AssertionError(f"{coalescer.waiting} waiting, expected {count}")
 
 
+def behind_a_first_decode(
+    pool: ThreadPoolExecutor,
+    call: Callable[[Any], Any],
+    coalescer: DecodeCoalescer[Any, Any],
+    gated: FirstCallGated,
+    first: Any,
+    rest: list[Any],
+) -> list[Future[Any]]:
+    """`call(first)` until its decode runs (gated), then `call` on each of `rest`, one at a
+    time (each waiting before the next: the arrival order is known), then the gate opens.
+    The futures of all, first first."""
+    futures = [pool.submit(call, first)]
+    assert gated.entered.wait(10)
+    for count, item in enumerate(rest, 1):
+        futures.append(pool.submit(call, item))
+        wait_for_waiting(coalescer, count)
+    gated.gate.set()
+    return futures
+
+
 def test_a_lone_image_is_decoded_at_once_in_a_call_of_its_own():
-    decoder = GatedDecoder()
-    decoder.release.set()
+    decoder = FirstCallGated(double)
+    decoder.gate.set()
     coalescer = DecodeCoalescer(decoder, max_batch=8)
     assert coalescer.decode(21) == 42
     assert decoder.calls == [[21]] and coalescer.calls == 1
 
 
 def test_images_arriving_during_a_decode_go_into_the_next_call_together():
-    decoder = GatedDecoder()
+    decoder = FirstCallGated(double)
     coalescer = DecodeCoalescer(decoder, max_batch=8)
     with ThreadPoolExecutor(8) as pool:
-        first = pool.submit(coalescer.decode, 1)
-        assert decoder.entered.wait(10)
-        rest = [pool.submit(coalescer.decode, i) for i in range(10, 15)]
-        wait_for_waiting(coalescer, 5)
-        decoder.release.set()
+        first, *rest = behind_a_first_decode(
+            pool, coalescer.decode, coalescer, decoder, 1, list(range(10, 15))
+        )
         assert first.result() == 2
         assert [f.result() for f in rest] == [20, 22, 24, 26, 28]
     assert decoder.calls[0] == [1]
@@ -87,16 +98,14 @@ def test_images_arriving_during_a_decode_go_into_the_next_call_together():
 
 
 def test_no_call_exceeds_max_batch_and_every_image_gets_its_own_answer():
-    decoder = GatedDecoder()
+    decoder = FirstCallGated(double)
     coalescer = DecodeCoalescer(decoder, max_batch=3)
     with ThreadPoolExecutor(10) as pool:
-        first = pool.submit(coalescer.decode, 0)
-        assert decoder.entered.wait(10)
-        rest = {i: pool.submit(coalescer.decode, i) for i in range(1, 8)}
-        wait_for_waiting(coalescer, 7)
-        decoder.release.set()
+        first, *rest = behind_a_first_decode(
+            pool, coalescer.decode, coalescer, decoder, 0, list(range(1, 8))
+        )
         assert first.result() == 0
-        assert {i: f.result() for i, f in rest.items()} == {i: 2 * i for i in range(1, 8)}
+        assert {i: f.result() for i, f in enumerate(rest, 1)} == {i: 2 * i for i in range(1, 8)}
     assert all(len(call) <= 3 for call in decoder.calls)
     assert sorted(i for call in decoder.calls[1:] for i in call) == list(range(1, 8))
     assert len(decoder.calls) == 1 + 3  # 7 images in calls of 3, 3 and 1
@@ -106,29 +115,23 @@ def test_no_call_exceeds_max_batch_and_every_image_gets_its_own_answer():
 def test_images_are_served_oldest_first_even_one_at_a_time():
     """max_batch 1 (a model without batching): whoever leads, the oldest image goes next, so
     none waits behind newer arrivals."""
-    decoder = GatedDecoder()
+    decoder = FirstCallGated(double)
     coalescer = DecodeCoalescer(decoder, max_batch=1)
     with ThreadPoolExecutor(8) as pool:
-        first = pool.submit(coalescer.decode, 0)
-        assert decoder.entered.wait(10)
-        rest = []
-        for i in range(1, 7):  # one at a time, so the arrival order is known
-            rest.append(pool.submit(coalescer.decode, i))
-            wait_for_waiting(coalescer, i)
-        decoder.release.set()
-        assert [first.result(), *(f.result() for f in rest)] == [2 * i for i in range(7)]
+        futures = behind_a_first_decode(
+            pool, coalescer.decode, coalescer, decoder, 0, list(range(1, 7))
+        )
+        assert [f.result() for f in futures] == [2 * i for i in range(7)]
     assert decoder.calls == [[i] for i in range(7)]
 
 
 def test_a_corrupt_image_fails_alone_and_its_batch_mates_decode():
-    decoder = GatedDecoder()
+    decoder = FirstCallGated(double)
     coalescer = DecodeCoalescer(decoder, max_batch=8)
     with ThreadPoolExecutor(4) as pool:
-        first = pool.submit(coalescer.decode, 5)
-        assert decoder.entered.wait(10)
-        good, bad, other = (pool.submit(coalescer.decode, i) for i in (6, -1, 7))
-        wait_for_waiting(coalescer, 3)
-        decoder.release.set()
+        first, good, bad, other = behind_a_first_decode(
+            pool, coalescer.decode, coalescer, decoder, 5, [6, -1, 7]
+        )
         assert (first.result(), good.result(), other.result()) == (10, 12, 14)
         with pytest.raises(ValueError, match="cannot decode -1"):
             bad.result()
@@ -193,16 +196,12 @@ def test_the_device_pipeline_batches_concurrent_jpegs_and_answers_as_the_host_pa
         out = backend.infer(prepared.handle[np.newaxis])
         return pipeline.postprocess(out[0], prepared.width, prepared.height).labels
 
+    assert batched._jpegs is not None
     with ThreadPoolExecutor(4) as pool:
-        first = pool.submit(answer, batched, images[0])
-        assert cpu_batched.entered.wait(10)
-        rest = [pool.submit(answer, batched, data) for data in images[1:]]
-        for _ in range(3000):
-            if batched._jpegs is not None and batched._jpegs.waiting == 3:
-                break
-            threading.Event().wait(0.01)
-        cpu_batched.gate.set()
-        answers = [first.result(), *(f.result() for f in rest)]
+        futures = behind_a_first_decode(
+            pool, lambda d: answer(batched, d), batched._jpegs, cpu_batched, images[0], images[1:]
+        )
+        answers = [f.result() for f in futures]
     assert cpu_batched.sizes == [1, 3] and batched.jpeg_batches == 2
     for data, labels in zip(images, answers, strict=True):
         np.testing.assert_array_equal(labels, answer(plain, data))
@@ -239,12 +238,10 @@ def test_nvjpeg_decodes_a_gathered_batch_as_each_alone():
     images = [encode(quadrant_image(90 * k, 120 * k), ".jpg") for k in (1, 2, 3, 4, 8)]
     tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in images]
     with ThreadPoolExecutor(5) as pool:
-        first = pool.submit(coalescer.decode, tensors[0])
-        assert gated.entered.wait(10)
-        rest = [pool.submit(coalescer.decode, t) for t in tensors[1:]]
-        wait_for_waiting(coalescer, 4)
-        gated.gate.set()
-        decoded = [first.result(), *(f.result() for f in rest)]
+        futures = behind_a_first_decode(
+            pool, coalescer.decode, coalescer, gated, tensors[0], tensors[1:]
+        )
+        decoded = [f.result() for f in futures]
     assert gated.sizes == [1, 4]
     for tensor, got in zip(tensors, decoded, strict=True):
         assert got.is_cuda
