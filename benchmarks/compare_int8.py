@@ -35,6 +35,7 @@ from compare_load import bench_point
 from compare_servers import ROOT, ServerProcess, start_segserve
 
 from segserve_client import bench
+from segserve_server.training.repository import QUANTIZATION_REPORT
 
 FLIP_PARAMETER = 'parameters { key: "segserve.flip_average" value: { string_value: "true" } }\n'
 
@@ -58,11 +59,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def versions_of(model_dir: Path) -> tuple[int, int, dict[str, Any]]:
     """(fp32 version, int8 version, the INT8 version's quantization.json)."""
     quantized = sorted(
-        int(p.parent.name) for p in model_dir.glob("*/quantization.json") if p.parent.name.isdigit()
+        int(p.parent.name)
+        for p in model_dir.glob(f"*/{QUANTIZATION_REPORT}")
+        if p.parent.name.isdigit()
     )
     if not quantized:
         raise SystemExit(f"{model_dir} has no INT8 version (run segserve quantize first)")
-    report = json.loads((model_dir / str(quantized[-1]) / "quantization.json").read_text())
+    report = json.loads((model_dir / str(quantized[-1]) / QUANTIZATION_REPORT).read_text())
     return int(report["source_version"]), quantized[-1], report
 
 

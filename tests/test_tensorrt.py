@@ -31,7 +31,6 @@ from segserve_server.backends.onnxruntime import choose_providers, provider_opti
 from segserve_server.model_repository import parse_config, scan_repository
 from segserve_server.server import Server
 from segserve_server.training.engine import (
-    QUANTIZATION_REPORT,
     EngineError,
     EngineOptions,
     main,
@@ -42,7 +41,7 @@ from segserve_server.training.engine import (
     source_version,
     write_engine_version,
 )
-from segserve_server.training.quantize import REPORT_FILE
+from segserve_server.training.repository import QUANTIZATION_REPORT
 from tests.conftest import ROOT, H, W, encode, make_settings, quadrant_image
 from tests.harness.synthetic_models import expected_colour_labels, write_entry
 
@@ -130,7 +129,6 @@ def with_qdq_input(model_path: Path) -> None:
 
 
 def test_the_engine_is_built_from_the_latest_unquantized_version(entry_dir):
-    assert QUANTIZATION_REPORT == REPORT_FILE  # the file segserve quantize writes
     entry = entry_of(entry_dir)
     assert source_version(entry, entry.config, None) == 2
     assert source_version(entry, entry.config, 1) == 1

@@ -56,7 +56,11 @@ from segserve_server.model_repository import (
     RepositoryEntry,
     parse_config,
 )
-from segserve_server.training.repository import ONNX_PLATFORMS, repository_entry
+from segserve_server.training.repository import (
+    ONNX_PLATFORMS,
+    QUANTIZATION_REPORT,
+    repository_entry,
+)
 
 __all__ = [
     "DEFAULT_TIMING_CACHE",
@@ -78,7 +82,6 @@ __all__ = [
 PLAN_FILE = "model.plan"
 PRECISIONS = ("fp16", "fp32", "int8")
 DEFAULT_TIMING_CACHE = Path.home() / ".cache" / "segserve" / "tensorrt-timing.cache"
-QUANTIZATION_REPORT = "quantization.json"  # what `segserve quantize` writes (quantize.REPORT_FILE)
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 

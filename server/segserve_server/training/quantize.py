@@ -48,7 +48,11 @@ import onnx
 
 from segserve_server.model_repository import ModelConfig, RepositoryEntry
 from segserve_server.training.eval_data import IMAGE_SUFFIXES
-from segserve_server.training.repository import ONNX_PLATFORMS, repository_entry
+from segserve_server.training.repository import (
+    ONNX_PLATFORMS,
+    QUANTIZATION_REPORT,
+    repository_entry,
+)
 
 __all__ = [
     "DEFAULT_FRAMES",
@@ -65,7 +69,6 @@ __all__ = [
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_FRAMES = 32
 _MAX_FRAMES = 10_000
-REPORT_FILE = "quantization.json"
 # Ops that keep values where they are between the logits producer and the ArgMax.
 _PASS_THROUGH = {"Identity", "Resize", "Cast"}
 
@@ -357,7 +360,7 @@ def quantize_model(
             size_bytes=target.stat().st_size,
             seconds=time.monotonic() - started,
         )
-        (staging / REPORT_FILE).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        (staging / QUANTIZATION_REPORT).write_text(json.dumps(result.to_json(), indent=2) + "\n")
         staging.rename(entry.path / str(version))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -8,10 +8,13 @@ from pathlib import Path
 
 from segserve_server.model_repository import ModelConfig, RepositoryEntry, scan_repository
 
-__all__ = ["ONNX_PLATFORMS", "repository_entry"]
+__all__ = ["ONNX_PLATFORMS", "QUANTIZATION_REPORT", "repository_entry"]
 
 ONNX_PLATFORMS = ("onnxruntime_onnx", "onnxruntime")
 """config.pbtxt platforms of ONNX models."""
+
+QUANTIZATION_REPORT = "quantization.json"
+"""What `segserve quantize` writes in a version folder it made (build-engine reads it)."""
 
 
 def repository_entry(
