@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -46,13 +45,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+from compare_servers import ServerProcess, start_segserve
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("pipeline", "engine", "tensorrt", "segserve")
@@ -258,34 +257,10 @@ def _loop(step: Any, seconds: float) -> tuple[int, float]:
     return runs, time.perf_counter() - started
 
 
-def _serve(repository: Path) -> tuple[subprocess.Popen[str], int]:
-    """`segserve serve` on a free port; its log is drained by a thread (a full pipe would stall
-    it), the last lines kept for the error."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "segserve_server.cli", "serve", "--model-repository",
-         str(repository), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert process.stderr is not None
-    last: deque[str] = deque(maxlen=8)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        last.append(line.strip())
-        if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
-            drain = threading.Thread(target=deque, args=(process.stderr, 0), daemon=True)
-            drain.start()
-            return process, int(match.group(1))
-        if not line and process.poll() is not None:
-            break
-    process.kill()
-    raise StageError(f"segserve serve did not start (exit {process.poll()}): {' | '.join(last)}")
-
-
-def bench_model(port: int, model: str, frames: Path, args: argparse.Namespace) -> dict[str, Any]:
+def bench_model(address: str, model: str, frames: Path, args: argparse.Namespace) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, "-m", "segserve_client.cli", "bench", "--server",
-         f"127.0.0.1:{port}", "--model", model, "--images", str(frames), "--size", "original",
+         address, "--model", model, "--images", str(frames), "--size", "original",
          "--concurrency", args.concurrency, "--duration-s", str(args.duration_s),
          "--warmup-s", "3", "--json"],
         capture_output=True, text=True, timeout=60 + 2 * args.duration_s * len(points_of(args)),
@@ -433,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
-    server: subprocess.Popen[str] | None = None
+    server: ServerProcess | None = None
     try:
         work = args.work or Path(tempfile.mkdtemp(prefix="segserve-gpu-bench-"))
         frames_dir = work / "frames"
@@ -460,13 +435,14 @@ def main(argv: list[str] | None = None) -> int:
             ))  # fmt: skip
         if "segserve" in stages and copy:
             running = "segserve"
-            server, port = _serve(repository)
+            server = start_segserve(repository, args.model, work)
+            address = server.address
             if engine:
-                stage("segserve_gpu", lambda: bench_model(port, args.model, frames_dir, args))
+                stage("segserve_gpu", lambda: bench_model(address, args.model, frames_dir, args))
             else:
                 notes["segserve_gpu"] = "not run: no engine"
             cpu_model = f"{args.model}_cpu"
-            stage("segserve_cpu", lambda: bench_model(port, cpu_model, frames_dir, args))
+            stage("segserve_cpu", lambda: bench_model(address, cpu_model, frames_dir, args))
     except Terminated as exc:
         notes["terminated"] = f"{exc} during the {running} stage: the rows above are all"
     except Exception as exc:  # outside a stage: making frames, starting segserve serve
@@ -475,11 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         if main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         if server is not None:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            server.stop()
         print(table(results), flush=True)
         save()
     return 0
