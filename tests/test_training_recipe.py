@@ -373,9 +373,15 @@ def test_the_bundled_recipe_script_runs_both_stages_and_resumes(tiny_camvid, tmp
     env = dict(os.environ, DATA=str(tiny_camvid), RUNS=str(runs), PY=sys.executable, THREADS="1")
     env["EXTRA"] = "--epochs 1 --batch-size 2 --crop 32 48 --size 48 64 --warmup-epochs 1"
     script = [str(ROOT / "tools" / "train_bundled.sh")]
+    one = subprocess.run(
+        [*script, "run", "dl_ohem"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert (runs / "dl_ohem" / "best.pt").exists() and not (runs / "dl_base").exists()
     done = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    stage1 = ["dl_base", "dl_rare", "dl_rare_lovasz", "dl_rare_ohem", "unet_base"]
+    assert "done:" in (runs / "dl_ohem.log").read_text().rsplit("start dl_ohem", 1)[1]
+    stage1 = ["dl_base", "dl_rare", "dl_lovasz", "dl_ohem", "unet_base"]
     for name in stage1:
         assert (runs / name / "best.pt").exists(), name
     for name in ("final_deeplabv3plus", "final_unet"):
