@@ -392,3 +392,14 @@ def test_the_bundled_recipe_script_runs_both_stages_and_resumes(tiny_camvid, tmp
     again = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "done:" in (runs / "final_unet.log").read_text().rsplit("start final_unet", 1)[1]
+    # final RUN: stage 2 from a named winner, with no other stage-1 run beside it.
+    alone = tmp_path / "alone"
+    shutil.copytree(runs / "dl_lovasz", alone / "dl_lovasz")
+    env["RUNS"] = str(alone)
+    bad = subprocess.run([*script, "final", "dl_base"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "finished stage-1 run" in bad.stderr
+    final = subprocess.run([*script, "final", "dl_lovasz"], env=env, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr[-2000:]
+    args = torch.load(alone / "final_deeplabv3plus" / "final.pt", weights_only=False)["args"]
+    assert args["recipe_from"] == str(alone / "dl_lovasz" / "best.pt")
+    assert (args["lovasz_weight"], args["train_splits"]) == (0.5, "train,val")

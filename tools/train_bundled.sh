@@ -92,9 +92,25 @@ candidate() {  # candidate <run>: train that stage-1 run
 }
 
 case "$STAGE" in
-    all|stage1|stage2|final-base|run) ;;
-    *) echo "unknown stage '$STAGE' (all, stage1, stage2, final-base MODEL, run RUN)" >&2; exit 2 ;;
+    all|stage1|stage2|final-base|run|final) ;;
+    *) echo "unknown stage '$STAGE' (all, stage1, stage2, final-base MODEL, run RUN, final RUN)" >&2
+       exit 2 ;;
 esac
+
+# final RUN: stage 2 for one architecture from a named finished stage-1 run (the winner), where
+# the other stage-1 runs are not on this machine for stage2 to compare.
+if [ "$STAGE" = final ]; then
+    run=${2:-}
+    [ -f "$RUNS/$run/best.pt" ] || { echo "final needs a finished stage-1 run (got '$run')" >&2; exit 2; }
+    case "$run" in
+        dl_*) model=deeplabv3plus ;;
+        unet_*) model=unet ;;
+        *) echo "final: '$run' is not a stage-1 run" >&2; exit 2 ;;
+    esac
+    train "final_$model" --recipe-from "$RUNS/$run/best.pt" --train-splits train,val
+    echo "final weights: $RUNS/final_$model/final.pt"
+    exit 0
+fi
 
 # run RUN: one stage-1 candidate alone, so that two can train side by side (THREADS=1 each);
 # stage1 afterwards finds it done and goes on.
@@ -104,10 +120,11 @@ if [ "$STAGE" = run ]; then
 fi
 
 # final-base MODEL: the final weights of one architecture with the base recipe and its fixed
-# epoch count, without stage 1's checkpoints.  This is how the bundled weights of 2026-12-02
-# were trained: stage 1's runs were lost with the machine that held them, after dl_base had
-# finished (best val mIoU 0.6618 at 150 epochs against 0.6207 for the earlier weights) and
-# before the other candidates had.  Two of these can run side by side, THREADS=1 each.
+# epoch count, without stage 1's checkpoints.  The bundled unet was trained so (its stage-1
+# runs never ran).  The bundled deeplabv3plus is `final dl_lovasz`: stage 1's best val mIoU
+# was dl_lovasz 0.6753, dl_base 0.6618, dl_rare 0.6444, dl_ohem 0.6444 (dl_base and dl_rare
+# were lost with an earlier machine, so `final` names the winner instead of stage2 comparing).
+# Two of these can run side by side, THREADS=1 each.
 if [ "$STAGE" = final-base ]; then
     model=${2:-}
     case "$model" in
