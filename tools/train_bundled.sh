@@ -91,6 +91,10 @@ candidate() {  # candidate <run>: train that stage-1 run
     esac
 }
 
+final_from() {  # final_from <model> <stage-1 run dir>: stage 2 with that run's recipe
+    train "final_$1" --recipe-from "$2/best.pt" --train-splits train,val
+}
+
 case "$STAGE" in
     all|stage1|stage2|final-base|run|final) ;;
     *) echo "unknown stage '$STAGE' (all, stage1, stage2, final-base MODEL, run RUN, final RUN)" >&2
@@ -107,7 +111,7 @@ if [ "$STAGE" = final ]; then
         unet_*) model=unet ;;
         *) echo "final: '$run' is not a stage-1 run" >&2; exit 2 ;;
     esac
-    train "final_$model" --recipe-from "$RUNS/$run/best.pt" --train-splits train,val
+    final_from "$model" "$RUNS/$run"
     echo "final weights: $RUNS/final_$model/final.pt"
     exit 0
 fi
@@ -154,8 +158,8 @@ if [ "$STAGE" = all ] || [ "$STAGE" = stage2 ]; then
     [ -d "$RUNS/unet_dlrecipe" ] && unet_runs+=(unet_dlrecipe)
     unet_best=$(best "${unet_runs[@]}") || exit 1
     # Final weights: the chosen recipe (its epoch count included) on train + val.
-    train final_deeplabv3plus --recipe-from "$dl_best/best.pt" --train-splits train,val
-    train final_unet --recipe-from "$unet_best/best.pt" --train-splits train,val
+    final_from deeplabv3plus "$dl_best"
+    final_from unet "$unet_best"
     echo "final weights: $RUNS/final_deeplabv3plus/final.pt, $RUNS/final_unet/final.pt"
     echo "export: segserve export --checkpoint $RUNS/final_<model>/final.pt ..."
 fi
