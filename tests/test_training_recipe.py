@@ -366,7 +366,7 @@ def test_stage_two_takes_the_recipe_of_the_best_stage_one_run(tiny_camvid, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # 10 tiny runs, each a new process, at nice 19
+@pytest.mark.timeout(900)  # 11 tiny runs, each a new process, at nice 19
 def test_the_bundled_recipe_script_runs_both_stages_and_resumes(tiny_camvid, tmp_path):
     """tools/train_bundled.sh end to end on the tiny set (its flags overridden by EXTRA)."""
     runs = tmp_path / "runs"
@@ -403,3 +403,17 @@ def test_the_bundled_recipe_script_runs_both_stages_and_resumes(tiny_camvid, tmp
     args = torch.load(alone / "final_deeplabv3plus" / "final.pt", weights_only=False)["args"]
     assert args["recipe_from"] == str(alone / "dl_lovasz" / "best.pt")
     assert (args["lovasz_weight"], args["train_splits"]) == (0.5, "train,val")
+    # run unet_dlrecipe: the deeplabv3plus winner's recipe on unet, the winner named by DL_WINNER.
+    env["DL_WINNER"] = "dl_nowhere"
+    gone = subprocess.run(
+        [*script, "run", "unet_dlrecipe"], env=env, capture_output=True, text=True
+    )
+    assert gone.returncode == 1 and "DL_WINNER: no" in gone.stderr
+    env["DL_WINNER"] = "dl_lovasz"
+    unet = subprocess.run(
+        [*script, "run", "unet_dlrecipe"], env=env, capture_output=True, text=True
+    )
+    assert unet.returncode == 0, unet.stderr[-2000:]
+    args = torch.load(alone / "unet_dlrecipe" / "best.pt", weights_only=False)["args"]
+    assert (args["model"], args["lovasz_weight"]) == ("unet", 0.5)
+    assert args["recipe_from"] == str(alone / "dl_lovasz" / "best.pt")

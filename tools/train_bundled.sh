@@ -18,6 +18,7 @@
 #   tools/train_bundled.sh stage1      # only stage 1 (or: stage2)
 #   THREADS=1 tools/train_bundled.sh final-base unet   # see below
 #   THREADS=1 EVAL_EVERY=5 tools/train_bundled.sh run dl_ohem   # one stage-1 run alone
+#   DL_WINNER=dl_lovasz THREADS=1 EVAL_EVERY=5 tools/train_bundled.sh run unet_dlrecipe
 #
 # Per-run output: runs/<run>/{run.json,last.pt,best.pt|final.pt,log.jsonl} and runs/<run>.log.
 # Measured on 2 idle AMD EPYC (Zen 4) cores, bf16 autocast, 2 threads, base recipe:
@@ -87,8 +88,22 @@ candidate() {  # candidate <run>: train that stage-1 run
         dl_lovasz) train dl_lovasz "${dl[@]}" "${lovasz[@]}" ;;
         dl_ohem) train dl_ohem "${dl[@]}" "${ohem[@]}" ;;
         unet_base) train unet_base --model unet --epochs "$UNET_EPOCHS" "${base[@]}" ;;
-        *) echo "unknown stage-1 run '$1' (${DL_RUNS[*]} unet_base)" >&2; exit 2 ;;
+        unet_dlrecipe)  # the deeplabv3plus winner's recipe on unet, at unet's epoch count
+            local winner
+            winner=$(dl_winner) || exit 1
+            train unet_dlrecipe --recipe-from "$winner/best.pt" --model unet --epochs "$UNET_EPOCHS" ;;
+        *) echo "unknown stage-1 run '$1' (${DL_RUNS[*]} unet_base unet_dlrecipe)" >&2; exit 2 ;;
     esac
+}
+
+# The stage-1 deeplabv3plus winner; DL_WINNER=<run> names it where the other runs are gone.
+dl_winner() {
+    if [ -n "${DL_WINNER:-}" ]; then
+        [ -f "$RUNS/$DL_WINNER/best.pt" ] || { echo "DL_WINNER: no $RUNS/$DL_WINNER/best.pt" >&2; return 1; }
+        echo "$RUNS/$DL_WINNER"
+    else
+        best "${DL_RUNS[@]}"
+    fi
 }
 
 final_from() {  # final_from <model> <stage-1 run dir>: stage 2 with that run's recipe
@@ -146,14 +161,12 @@ if [ "$STAGE" = all ] || [ "$STAGE" = stage1 ]; then
     for run in "${DL_RUNS[@]}"; do candidate "$run"; done
     # unet: the base recipe, and the best deeplabv3plus recipe if that is not the base one.
     candidate unet_base
-    dl_best=$(best "${DL_RUNS[@]}") || exit 1
-    if [ "$dl_best" != "$RUNS/dl_base" ]; then
-        train unet_dlrecipe --recipe-from "$dl_best/best.pt" --model unet --epochs "$UNET_EPOCHS"
-    fi
+    dl_best=$(dl_winner) || exit 1
+    [ "$dl_best" != "$RUNS/dl_base" ] && candidate unet_dlrecipe
 fi
 
 if [ "$STAGE" = all ] || [ "$STAGE" = stage2 ]; then
-    dl_best=$(best "${DL_RUNS[@]}") || exit 1
+    dl_best=$(dl_winner) || exit 1
     unet_runs=(unet_base)
     [ -d "$RUNS/unet_dlrecipe" ] && unet_runs+=(unet_dlrecipe)
     unet_best=$(best "${unet_runs[@]}") || exit 1
