@@ -17,6 +17,7 @@
 #   mkdir -p runs && nohup nice -n 19 tools/train_bundled.sh > runs/train_bundled.log 2>&1 &
 #   tools/train_bundled.sh stage1      # only stage 1 (or: stage2)
 #   THREADS=1 tools/train_bundled.sh final-base unet   # see below
+#   tools/train_bundled.sh final unet_dlrecipe          # stage 2 from a named winner
 #   THREADS=1 EVAL_EVERY=5 tools/train_bundled.sh run dl_ohem   # one stage-1 run alone
 #   DL_WINNER=dl_lovasz THREADS=1 EVAL_EVERY=5 tools/train_bundled.sh run unet_dlrecipe
 #
@@ -139,11 +140,11 @@ if [ "$STAGE" = run ]; then
 fi
 
 # final-base MODEL: the final weights of one architecture with the base recipe and its fixed
-# epoch count, without stage 1's checkpoints.  The bundled unet was trained so (its stage-1
-# runs never ran).  The bundled deeplabv3plus is `final dl_lovasz`: stage 1's best val mIoU
-# was dl_lovasz 0.6753, dl_base 0.6618, dl_rare 0.6444, dl_ohem 0.6444 (dl_base and dl_rare
-# were lost with an earlier machine, so `final` names the winner instead of stage2 comparing).
-# Two of these can run side by side, THREADS=1 each.
+# epoch count, without stage 1's checkpoints (two can run side by side, THREADS=1 each).
+# The bundled weights are `final dl_lovasz` and `final unet_dlrecipe`: stage 1's best val mIoU
+# was dl_lovasz 0.6753, dl_base 0.6618, dl_rare 0.6444, dl_ohem 0.6444; unet_dlrecipe 0.6462,
+# unet_base 0.6298 (dl_base and dl_rare were lost with an earlier machine, so `final` names the
+# winner instead of stage2 comparing, and unet_dlrecipe ran with DL_WINNER=dl_lovasz).
 if [ "$STAGE" = final-base ]; then
     model=${2:-}
     case "$model" in
